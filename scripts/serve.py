@@ -1,0 +1,178 @@
+"""Start TorchServe and wait until the model's worker is READY; stop it.
+
+`torchserve --start` returns 0 even when Java is missing or a port is taken, and `/ping`
+reports Healthy before any worker has loaded. So `start` checks Java and the ports first,
+then polls the management API until a worker of every model is READY, and fails loudly
+with the tail of the logs if the server dies or a worker fails to load.
+
+    python scripts/serve.py start [--models smollm2=smollm2.mar] [--ts-config config.properties]
+    python scripts/serve.py stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+# Lines in the logs that mean a worker could not load the model.
+LOAD_FAILURE_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")
+
+
+class StartError(RuntimeError):
+    """The server could not be brought to a READY state."""
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def endpoints(props: dict[str, str]) -> dict[str, str]:
+    """Base URLs of the inference, management and metrics APIs (TorchServe's defaults apply)."""
+    return {
+        "inference": props.get("inference_address", "http://127.0.0.1:8080"),
+        "management": props.get("management_address", "http://127.0.0.1:8081"),
+        "metrics": props.get("metrics_address", "http://127.0.0.1:8082"),
+    }
+
+
+def check_prerequisites(urls: dict[str, str]) -> None:
+    """Java must run, and every listener's port must be free (TorchServe won't say)."""
+    java = shutil.which("java")
+    if java is None:
+        raise StartError("Java is not installed: TorchServe needs a Java 11+ runtime "
+                         "(Debian/Ubuntu: apt-get install openjdk-17-jre-headless)")
+    version = subprocess.run([java, "-version"], capture_output=True, text=True)
+    if version.returncode != 0:
+        raise StartError(f"`java -version` failed: {version.stderr.strip()}")
+    for name, url in urls.items():
+        parsed = urlparse(url)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((parsed.hostname, parsed.port))
+            except OSError as error:
+                raise StartError(f"{name} port {parsed.hostname}:{parsed.port} is not free ({error.strerror}); "
+                                 "stop whatever uses it or change config.properties") from None
+
+
+def log_tail(log_dir: Path, lines: int = 40) -> str:
+    parts = []
+    for name in ("model_log.log", "ts_log.log"):
+        path = log_dir / name
+        if path.exists():
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- last {len(text)} lines of {path} ---\n" + "\n".join(text))
+    return "\n".join(parts) or f"(no logs in {log_dir})"
+
+
+def worker_states(management: str, model: str) -> list[str]:
+    """Status of each worker of `model` (e.g. READY, UNLOADING), [] if not registered yet."""
+    try:
+        with urllib.request.urlopen(f"{management}/models/{model}", timeout=5) as response:
+            described = json.load(response)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+        return []
+    return [w.get("status", "") for entry in described for w in entry.get("workers", [])]
+
+
+def _load_failed(log_dir: Path) -> bool:
+    for name in ("ts_log.log", "model_log.log"):
+        path = log_dir / name
+        if path.exists():
+            text = path.read_text(errors="replace")
+            if any(marker in text for marker in LOAD_FAILURE_MARKERS):
+                return True
+    return False
+
+
+def start(ts_config: Path, model_store: Path, models: list[str], log_dir: Path, timeout: float) -> None:
+    props = read_properties(ts_config)
+    urls = endpoints(props)
+    check_prerequisites(urls)
+    if shutil.which("torchserve") is None:
+        raise StartError("torchserve not found on PATH; run `make install` and use the venv")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for stale in log_dir.glob("*.log"):
+        stale.unlink()  # a previous run's failure must not be mistaken for this one's
+    env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+    cmd = ["torchserve", "--start", "--ncs", "--ts-config", str(ts_config),
+           "--model-store", str(model_store), "--models", *models]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    names = [m.split("=", 1)[0] if "=" in m else Path(m).stem for m in models]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all("READY" in worker_states(urls["management"], name) for name in names):
+            return
+        if _load_failed(log_dir):
+            stop(log_dir)
+            raise StartError("a worker failed to load the model\n" + log_tail(log_dir))
+        if not _server_running():
+            raise StartError("TorchServe exited during start-up\n" + log_tail(log_dir))
+        time.sleep(0.5)
+    stop(log_dir)
+    raise StartError(f"no READY worker after {timeout:.0f} s\n" + log_tail(log_dir))
+
+
+def _server_running() -> bool:
+    # TorchServe keeps its pid in $TMPDIR/.model_server.pid
+    pid_file = Path(os.environ.get("TMPDIR", "/tmp")) / ".model_server.pid"
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def stop(log_dir: Path | None = None) -> None:
+    env = dict(os.environ)
+    if log_dir is not None:
+        env["LOG_LOCATION"] = str(log_dir)
+    subprocess.run(["torchserve", "--stop"], env=env, stdout=subprocess.DEVNULL, check=False)
+    deadline = time.monotonic() + 30
+    while _server_running() and time.monotonic() < deadline:
+        time.sleep(0.3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Start/stop TorchServe for this package.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    start_p = sub.add_parser("start", help="start and wait until every model has a READY worker")
+    start_p.add_argument("--ts-config", type=Path, default=ROOT / "config.properties")
+    start_p.add_argument("--model-store", type=Path, default=ROOT / "model-store")
+    start_p.add_argument("--models", nargs="+", default=["smollm2=smollm2.mar"])
+    start_p.add_argument("--log-dir", type=Path, default=ROOT / "logs")
+    start_p.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
+    sub.add_parser("stop", help="stop the running TorchServe")
+    args = parser.parse_args()
+    if args.command == "stop":
+        stop()
+        return
+    started = time.monotonic()
+    try:
+        start(args.ts_config, args.model_store, args.models, args.log_dir, args.timeout)
+    except StartError as error:
+        sys.exit(f"serve: {error}")
+    urls = endpoints(read_properties(args.ts_config))
+    print(f"READY after {time.monotonic() - started:.1f} s: {urls['inference']}/predictions/<model> "
+          f"(logs in {args.log_dir})")
+
+
+if __name__ == "__main__":
+    main()

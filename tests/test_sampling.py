@@ -1,0 +1,59 @@
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from cpu_llm.request import SamplingParams
+from cpu_llm.sampling import (
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+    make_generator,
+    pick_next_token,
+)
+
+
+def _logits(seed: int = 0, size: int = 50) -> torch.Tensor:
+    return torch.randn(size, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_repetition_penalty_matches_transformers():
+    logits, seen = _logits(), torch.tensor([1, 4, 4, 9, 30])
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen[None], logits[None].clone())[0]
+    assert torch.allclose(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+
+def test_top_k_and_top_p_match_transformers():
+    logits = _logits(1)
+    for top_k in (1, 5, 20):
+        expected = TopKLogitsWarper(top_k)(None, logits[None].clone())[0]
+        assert torch.equal(filter_top_k_top_p(logits, top_k, 1.0).isinf(), expected.isinf())
+    for top_p in (0.1, 0.5, 0.9):
+        expected = TopPLogitsWarper(top_p)(None, logits[None].clone())[0]
+        assert torch.equal(filter_top_k_top_p(logits, 0, top_p).isinf(), expected.isinf())
+
+
+def test_greedy_is_argmax():
+    logits = _logits(2)
+    assert pick_next_token(logits, SamplingParams(), torch.tensor([], dtype=torch.long), None) == int(logits.argmax())
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    logits = _logits(3)
+    params = SamplingParams(do_sample=True, temperature=2.0)
+    empty = torch.tensor([], dtype=torch.long)
+
+    def draw(seed):
+        generator = make_generator(seed)
+        return [pick_next_token(logits, params, empty, generator) for _ in range(20)]
+
+    assert draw(7) == draw(7)
+    assert draw(7) != draw(8)
+
+
+def test_top_k_one_sampling_equals_greedy():
+    logits = _logits(4)
+    params = SamplingParams(do_sample=True, temperature=1.5, top_k=1)
+    token = pick_next_token(logits, params, torch.tensor([], dtype=torch.long), make_generator(None))
+    assert token == int(logits.argmax())
