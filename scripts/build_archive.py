@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HANDLERS = ROOT / "handlers"
 sys.path.insert(0, str(HANDLERS))
 from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
+from serve import venv_tool  # noqa: E402
 
 REQUIRED_MODEL_FILES = ("config.json",)
 
@@ -54,7 +55,7 @@ def build_archive(model_dir: Path, name: str, config: Path, store: Path, version
         if serving.model_path == "model":
             _link_or_copy_tree(model_dir, stage_dir / "model")
         cmd = [
-            "torch-model-archiver",
+            venv_tool("torch-model-archiver"),
             "--model-name", name,
             "--version", version,
             "--handler", str(HANDLERS / "llm_handler.py"),
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=ROOT / "model-store", help="output folder")
     parser.add_argument("--version", default="1.0")
     args = parser.parse_args()
-    if shutil.which("torch-model-archiver") is None:
+    if venv_tool("torch-model-archiver") is None:
         sys.exit("build_archive: torch-model-archiver not found; activate the venv (make install)")
     try:
         mar = build_archive(args.model_dir, args.name, args.config, args.store, args.version)

@@ -29,6 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LOAD_FAILURE_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")
 
 
+def venv_tool(name: str) -> str | None:
+    """A console script of this interpreter's venv (works without activating it), else PATH's."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
 class StartError(RuntimeError):
     """The server could not be brought to a READY state."""
 
@@ -106,15 +112,20 @@ def start(ts_config: Path, model_store: Path, models: list[str], log_dir: Path, 
     props = read_properties(ts_config)
     urls = endpoints(props)
     check_prerequisites(urls)
-    if shutil.which("torchserve") is None:
-        raise StartError("torchserve not found on PATH; run `make install` and use the venv")
+    torchserve = venv_tool("torchserve")
+    if torchserve is None:
+        raise StartError("torchserve not found; run `make install` and use the venv's python")
     log_dir.mkdir(parents=True, exist_ok=True)
     for stale in log_dir.glob("*.log"):
         stale.unlink()  # a previous run's failure must not be mistaken for this one's
     env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
-    cmd = ["torchserve", "--start", "--ncs", "--ts-config", str(ts_config),
+    cmd = [torchserve, "--start", "--ncs", "--ts-config", str(ts_config),
            "--model-store", str(model_store), "--models", *models]
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    # The server outlives this script: it must not hold our stdout/stderr open, or a
+    # caller piping our output (`make serve | tee`) would wait until the server stops.
+    with open(log_dir / "torchserve_start.log", "wb") as launch_log:
+        subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL, stdout=launch_log,
+                       stderr=subprocess.STDOUT)
     names = [m.split("=", 1)[0] if "=" in m else Path(m).stem for m in models]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -144,7 +155,11 @@ def stop(log_dir: Path | None = None) -> None:
     env = dict(os.environ)
     if log_dir is not None:
         env["LOG_LOCATION"] = str(log_dir)
-    subprocess.run(["torchserve", "--stop"], env=env, stdout=subprocess.DEVNULL, check=False)
+    torchserve = venv_tool("torchserve")
+    if torchserve is None:
+        return
+    subprocess.run([torchserve, "--stop"], env=env, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     deadline = time.monotonic() + 30
     while _server_running() and time.monotonic() < deadline:
         time.sleep(0.3)

@@ -19,14 +19,14 @@ TEST_PORTS = {"inference": 18080, "management": 18081, "metrics": 18082}
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
-def write_ts_config(directory: Path) -> Path:
+def write_ts_config(directory: Path, ports: dict[str, int] = TEST_PORTS) -> Path:
     """The shipped config.properties with the listeners moved to test ports."""
     lines = []
     for line in (ROOT / "config.properties").read_text().splitlines():
         key = line.split("=", 1)[0]
         name = key.replace("_address", "")
-        if key.endswith("_address") and name in TEST_PORTS:
-            line = f"{key}=http://127.0.0.1:{TEST_PORTS[name]}"
+        if key.endswith("_address") and name in ports:
+            line = f"{key}=http://127.0.0.1:{ports[name]}"
         lines.append(line)
     path = directory / "config.properties"
     path.write_text("\n".join(lines) + "\n")

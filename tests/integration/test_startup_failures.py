@@ -15,10 +15,12 @@ pytestmark = pytest.mark.integration
 
 def test_port_in_use_is_reported(tmp_path):
     with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", TEST_PORTS["inference"]))
+        blocker.bind(("127.0.0.1", 0))  # a port the OS says is free, now held by us
         blocker.listen()
-        with pytest.raises(serve.StartError, match=f"inference port 127.0.0.1:{TEST_PORTS['inference']} is not free"):
-            serve.start(write_ts_config(tmp_path), tmp_path, ["x=x.mar"], tmp_path / "logs", timeout=10)
+        port = blocker.getsockname()[1]
+        ts_config = write_ts_config(tmp_path, {**TEST_PORTS, "inference": port})
+        with pytest.raises(serve.StartError, match=f"inference port 127.0.0.1:{port} is not free"):
+            serve.start(ts_config, tmp_path, ["x=x.mar"], tmp_path / "logs", timeout=10)
 
 
 def test_model_load_failure_is_reported_with_the_reason(tmp_path, model_dir):
