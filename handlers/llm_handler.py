@@ -17,7 +17,8 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from cpu_llm.config import check_context_length, parse_serving_config, resolve_threads
 from cpu_llm.generation import GenerationResult, generate_batch
-from cpu_llm.model import encode_prompt, load_model, resolve_model_source
+from cpu_llm.model import encode_prompt, load_model, max_positions, resolve_model_source
+from cpu_llm.quantize import prepare_for_serving
 from cpu_llm.request import RequestError, parse_request
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,11 @@ class LLMHandler(BaseHandler):
         threads = resolve_threads(self.config)
         torch.set_num_threads(threads)
         source = resolve_model_source(self.config.model_path, context.system_properties["model_dir"])
-        self.model, self.tokenizer_info = load_model(source)
-        check_context_length(self.config, getattr(self.model.config, "max_position_embeddings", None))
-        params = sum(p.numel() for p in self.model.parameters())
+        model, self.tokenizer_info = load_model(source)
+        params = sum(p.numel() for p in model.parameters())
+        self.served = prepare_for_serving(model, self.tokenizer_info.tokenizer, self.config.quantization,
+                                          source, context.system_properties["model_dir"])
+        check_context_length(self.config, max_positions(self.served))
         logger.info(
             "loaded %s: %.1fM parameters, %d threads, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s",
             source, params / 1e6, threads, time.perf_counter() - started,
@@ -60,12 +63,16 @@ class LLMHandler(BaseHandler):
                 context.set_response_status(error.status, "Bad Request", idx)
                 responses[idx] = error.to_json()
         if valid:
-            results = generate_batch(
-                self.model, self.tokenizer_info, [r for _, r, _ in valid], [ids for _, _, ids in valid]
-            )
+            groups = [valid] if self.served.batch_invariant else [[item] for item in valid]
+            results = [
+                result for group in groups for result in generate_batch(
+                    self.served.model, self.tokenizer_info, [r for _, r, _ in group],
+                    [ids for _, _, ids in group], self.served.new_cache,
+                )
+            ]
             total_ms = (time.perf_counter() - started) * 1000
             for (idx, _, _), result in zip(valid, results):
-                responses[idx] = _response_json(result, len(valid), total_ms)
+                responses[idx] = _response_json(result, len(groups[0]), total_ms)
         return responses
 
 

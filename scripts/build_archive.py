@@ -52,6 +52,8 @@ def build_archive(model_dir: Path, name: str, config: Path, store: Path, version
         stage_dir = Path(stage)
         shutil.copytree(HANDLERS / "cpu_llm", stage_dir / "cpu_llm",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # Calibration texts and saved SmoothQuant summaries (relative paths in the config).
+        shutil.copytree(ROOT / "calibration", stage_dir / "calibration")
         if serving.model_path == "model":
             _link_or_copy_tree(model_dir, stage_dir / "model")
         cmd = [

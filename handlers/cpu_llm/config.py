@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from .errors import ConfigError
+from .quant_config import SECTION as QUANTIZATION_SECTION
+from .quant_config import QuantizationConfig, parse_quantization_config
 
 # Keys TorchServe 0.12's frontend reads from model-config.yaml (ModelConfig.java).
 FRONTEND_INT_KEYS = {
@@ -45,14 +49,6 @@ FRONTEND_OTHER_KEYS = {
 HANDLER_SECTION = "handler"
 
 
-class ConfigError(ValueError):
-    """A model-config.yaml problem; the message always starts with the offending key."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"model-config.yaml: {key}: {problem}")
-        self.key = key
-
-
 @dataclass(frozen=True)
 class ServingConfig:
     """The validated `handler:` section. Field names are the YAML keys."""
@@ -63,6 +59,8 @@ class ServingConfig:
     max_new_tokens: int = 512  # server-side cap on a request's max_new_tokens
     default_max_new_tokens: int = 64  # used when a request does not say
     max_stop_sequences: int = 8
+    # The top-level `quantization:` section (see quant_config.py).
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 def _did_you_mean(key: str, known: set[str] | Mapping[str, Any]) -> str:
@@ -78,7 +76,7 @@ def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
 
 def validate_frontend(raw: Mapping[str, Any]) -> None:
     """Reject unknown or ill-typed top-level keys (TorchServe would silently ignore them)."""
-    known = set(FRONTEND_INT_KEYS) | FRONTEND_OTHER_KEYS | {HANDLER_SECTION}
+    known = set(FRONTEND_INT_KEYS) | FRONTEND_OTHER_KEYS | {HANDLER_SECTION, QUANTIZATION_SECTION}
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(
@@ -100,7 +98,7 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
     if not isinstance(section, Mapping):
         raise ConfigError(HANDLER_SECTION, "must be a mapping")
     defaults = ServingConfig()
-    known = set(defaults.__dataclass_fields__)
+    known = set(defaults.__dataclass_fields__) - {"quantization"}
     for key in section:
         if key not in known:
             raise ConfigError(
@@ -122,7 +120,8 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
             f"{HANDLER_SECTION}.default_max_new_tokens",
             f"must not exceed handler.max_new_tokens ({values['max_new_tokens']})",
         )
-    return ServingConfig(**{**values, "num_threads": num_threads})
+    quantization = parse_quantization_config(raw.get(QUANTIZATION_SECTION))
+    return ServingConfig(**{**values, "num_threads": num_threads, "quantization": quantization})
 
 
 def check_context_length(config: ServingConfig, model_max_positions: int | None) -> None:

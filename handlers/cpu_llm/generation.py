@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -41,6 +42,7 @@ class GenerationResult:
 
     text: str
     finish_reason: str  # "eos" | "stop" | "length"
+    token_ids: tuple[int, ...]  # generated ids, without the EOS token
     prompt_tokens: int
     completion_tokens: int
     prefill_ms: float
@@ -67,11 +69,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return input_ids, mask
 
 
-def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor):
-    """Run the prompts through the model; return last-position logits and the KV cache."""
+def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, cache=None):
+    """Run the prompts through the model; return last-position logits and the KV cache.
+
+    `cache` is the backend's empty cache (None lets transformers create its own). Outputs
+    are indexed, not named: IPEX's traced models return plain tuples.
+    """
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return out.logits[:, -1, :].float(), out.past_key_values
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True)
+    return out[0][:, -1, :].float(), out[1]
 
 
 def decode_one_token(model, tokens: torch.Tensor, mask: torch.Tensor, cache):
@@ -81,7 +88,7 @@ def decode_one_token(model, tokens: torch.Tensor, mask: torch.Tensor, cache):
         input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
         past_key_values=cache, use_cache=True,
     )
-    return out.logits[:, -1, :].float(), out.past_key_values
+    return out[0][:, -1, :].float(), out[1]
 
 
 def _update_finish(seq: Sequence, token: int, info: TokenizerInfo) -> None:
@@ -116,7 +123,8 @@ def _pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 @torch.inference_mode()
 def generate_batch(
-    model, info: TokenizerInfo, requests: list[GenerationRequest], prompts: list[list[int]]
+    model, info: TokenizerInfo, requests: list[GenerationRequest], prompts: list[list[int]],
+    new_cache: Callable[[int], Any] = lambda n: None,
 ) -> list[GenerationResult]:
     """Generate for a batch of already-tokenized, validated requests."""
     seqs = [
@@ -125,7 +133,7 @@ def generate_batch(
     ]
     start = time.perf_counter()
     input_ids, mask = left_pad(prompts, info.pad_id)
-    logits, cache = prefill(model, input_ids, mask)
+    logits, cache = prefill(model, input_ids, mask, new_cache(len(prompts)))
     prefill_done = time.perf_counter()
     while True:
         tokens = _pick(logits, seqs)
@@ -150,6 +158,7 @@ def generate_batch(
             GenerationResult(
                 text=seq.text,
                 finish_reason=seq.finish_reason or "length",
+                token_ids=tuple(seq.generated),
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.generated) + (seq.finish_reason == "eos"),
                 prefill_ms=(prefill_done - start) * 1000,

@@ -55,6 +55,16 @@ def load_model(source: str) -> tuple[torch.nn.Module, TokenizerInfo]:
     return model, TokenizerInfo(tokenizer=tokenizer, eos_ids=frozenset(eos_ids), pad_id=pad_id)
 
 
+def max_positions(served) -> int | None:
+    """Longest sequence the served model handles: its context, capped by IPEX's KV cache."""
+    limit = getattr(served.model.config, "max_position_embeddings", None)
+    if served.backend == "ipex":
+        from .ipex_backend import IPEX_MAX_POSITIONS
+
+        limit = min(limit or IPEX_MAX_POSITIONS, IPEX_MAX_POSITIONS)
+    return limit
+
+
 def encode_prompt(tokenizer, request: GenerationRequest, max_prompt_tokens: int) -> list[int]:
     """Token ids of the prompt (chat messages through the model's chat template)."""
     if request.messages is not None:

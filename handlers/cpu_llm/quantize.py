@@ -1,0 +1,187 @@
+"""Turn the loaded fp32 model into the model we serve, as `quantization:` asks, and say what was done.
+
+Backends: `ipex` (Intel Extension for PyTorch: ipex.llm.optimize, WoQ, SmoothQuant) and
+`native` (plain PyTorch/transformers; quantization arrives with the native-backend issue).
+`auto` picks IPEX when it imports. Quantization that silently did nothing (IPEX falls back to
+the original model for architectures it does not know) fails the load, unless
+`fallback_to_unquantized: true` says to serve fp32 -- and then it is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from .calibration import calibration_batches, read_texts
+from .errors import ConfigError
+from .quant_config import SECTION, QuantizationConfig
+
+logger = logging.getLogger(__name__)
+CACHE_DIR_ENV = "LLM_CPU_CACHE_DIR"  # where SmoothQuant calibrations are cached
+
+
+class QuantizationError(RuntimeError):
+    """Quantization was asked for but could not be applied."""
+
+
+@dataclass
+class ServedModel:
+    model: torch.nn.Module
+    new_cache: Callable[[int], Any]  # the empty KV cache a batch of n rows starts with
+    backend: str  # "ipex" or "native"
+    report: dict[str, Any]
+    # False when a row's output can change with its batch companions (IPEX SmoothQuant's int8
+    # kernels): the handler then generates such requests one at a time.
+    batch_invariant: bool = True
+
+
+class FullPrecisionLinear(torch.nn.Module):
+    """A linear layer quantization passes do not recognise (it is not an nn.Linear)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_capable(flags: set[str]) -> bool:
+    """IPEX's bf16 kernels need AVX-512 BW (or AVX-NE-CONVERT); AVX2-only CPUs fail at load."""
+    return bool(flags & {"avx512bw", "avx_ne_convert", "amx_bf16"})
+
+
+def resolve_backend(q: QuantizationConfig) -> str:
+    ipex_present = importlib.util.find_spec("intel_extension_for_pytorch") is not None
+    backend = q.backend if q.backend != "auto" else ("ipex" if ipex_present else "native")
+    if backend == "ipex" and not ipex_present:
+        raise ConfigError(f"{SECTION}.backend", "ipex: intel-extension-for-pytorch is not installed "
+                          "(use the ipex stack: make install STACK=ipex)")
+    if backend == "native" and q.method != "none":
+        raise ConfigError(f"{SECTION}.method", f"{q.method} needs the ipex backend; the native "
+                          "backend serves method: none only in this release")
+    return backend
+
+
+def keep_full_precision(model: torch.nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, attr, None)
+        if not isinstance(module, torch.nn.Linear):
+            raise ConfigError(f"{SECTION}.keep_full_precision", f"'{name}' is not a linear layer of this model")
+        setattr(parent, attr, FullPrecisionLinear(module))
+
+
+def module_report(model: torch.nn.Module) -> tuple[dict[str, int], int]:
+    """(count per type of the linear-like modules, number of quantized ones)."""
+    counts = Counter(type(m).__name__ for m in model.modules()
+                     if "Linear" in type(m).__name__ and type(m).__name__ != "FullPrecisionLinear")
+    quantized = sum(n for kind, n in counts.items() if "Quantized" in kind or "Woq" in kind)
+    scripted = getattr(getattr(model, "trace_graph", None), "optimized_model", None)
+    if scripted is not None and quantized == 0:
+        # SmoothQuant: the modules stay nn.Linear, but IPEX's traced graph runs them on int8
+        # weights (a dequantize feeding the linear's weight input, fused into int8 kernels).
+        graph = scripted.inlined_graph  # keep a reference: nodes die with their graph
+        int8_linears = sum(
+            1 for node in graph.findAllNodes("aten::linear")
+            if list(node.inputs())[1].node().kind() == "aten::dequantize"
+        )
+        if int8_linears:
+            counts["int8 linear ops in IPEX traced graph"] = int8_linears
+            quantized = int8_linears
+    return dict(counts), quantized
+
+
+def smoothquant_summary_path(q: QuantizationConfig, model_source: str, model_dir: str, calibration: Path) -> Path:
+    """A given summary file, or a cache entry keyed by everything the calibration depends on."""
+    sq = q.smoothquant
+    if sq.qconfig_summary_file:
+        path = Path(sq.qconfig_summary_file)
+        path = path if path.is_absolute() else Path(model_dir) / path
+        if not path.is_file():
+            raise ConfigError(f"{SECTION}.smoothquant.qconfig_summary_file", f"{path} does not exist")
+        return path
+    digest = hashlib.sha256()
+    for part in (Path(model_source) / "config.json", calibration):
+        digest.update(part.read_bytes() if part.is_file() else str(part).encode())
+    weights = sorted(Path(model_source).glob("*.safetensors"))
+    digest.update(json.dumps([(w.name, w.stat().st_size) for w in weights]).encode())
+    digest.update(json.dumps(sq.__dict__, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(q.keep_full_precision).encode())
+    cache = Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "torchserve-llm-cpu"))
+    return cache / "smoothquant" / f"{digest.hexdigest()[:16]}.json"
+
+
+def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig,
+                        model_source: str, model_dir: str) -> ServedModel:
+    flags = cpu_flags()
+    isa = torch.backends.cpu.get_cpu_capability()
+    if q.dtype == "bf16" and not bf16_capable(flags):
+        raise ConfigError(f"{SECTION}.dtype", f"bf16 needs a CPU with AVX-512 BW or AMX; this one reports "
+                          f"{isa} without avx512bw; use dtype: fp32")
+    backend = resolve_backend(q)
+    process = psutil.Process(os.getpid())
+    rss_before, started = process.memory_info().rss, time.perf_counter()
+    torch_dtype = torch.bfloat16 if q.dtype == "bf16" else torch.float32
+    new_cache: Callable[[int], Any] = lambda n: None  # noqa: E731 - transformers builds its own cache
+    if backend == "ipex":
+        from . import ipex_backend
+
+        if q.method == "smoothquant" and q.keep_full_precision:
+            raise ConfigError(f"{SECTION}.keep_full_precision", "IPEX SmoothQuant quantizes every linear "
+                              "operation, wrapped or not; set keep_full_precision: [] for smoothquant")
+        if q.method != "none":
+            keep_full_precision(model, q.keep_full_precision)
+        key = f"{SECTION}.smoothquant.calibration_data"
+        calibration = Path(model_dir) / q.smoothquant.calibration_data
+        summary = (smoothquant_summary_path(q, model_source, model_dir, calibration)
+                   if q.method == "smoothquant" else None)
+        model = ipex_backend.optimize(
+            model, q, torch_dtype,
+            lambda: calibration_batches(tokenizer, read_texts(calibration, key),
+                                        q.smoothquant.num_samples, q.smoothquant.seq_len),
+            summary,
+        )
+        new_cache = ipex_backend.new_cache_fn(model)
+    elif torch_dtype != torch.float32:
+        model = model.to(torch_dtype)
+    counts, quantized = module_report(model)
+    if q.method != "none" and quantized == 0:
+        message = (f"{q.method} with backend {backend} left every linear layer unquantized "
+                   f"(architecture {type(model).__name__} is probably not supported); module types: {counts}")
+        if not q.fallback_to_unquantized:
+            raise QuantizationError(message + "; set quantization.fallback_to_unquantized: true to serve fp32")
+        logger.warning("SERVING UNQUANTIZED: %s", message)
+    report = {
+        "method": q.method, "backend": backend, "dtype": q.dtype, "cpu_isa": isa,
+        "linear_modules": counts, "quantized_modules": quantized,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rss_mib_before": round(rss_before / 2**20), "rss_mib_after": round(process.memory_info().rss / 2**20),
+    }
+    logger.info("quantization: %s", json.dumps(report))
+    return ServedModel(model=model, new_cache=new_cache, backend=backend, report=report,
+                       batch_invariant=not (backend == "ipex" and q.method == "smoothquant"))

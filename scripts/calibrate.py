@@ -1,0 +1,60 @@
+"""Calibrate SmoothQuant offline and save the IPEX qconfig summary to ship in the archive.
+
+Without a saved summary the first worker calibrates at start-up (and caches the result in
+$LLM_CPU_CACHE_DIR, default ~/.cache/torchserve-llm-cpu). Calibrating ahead of time makes
+every start fast and every host use the very same quantization:
+
+    python scripts/calibrate.py --config configs/smoothquant.yaml --out calibration/smollm2-sq.json
+    # then in the config:  smoothquant: {qconfig_summary_file: calibration/smollm2-sq.json}
+    # and rebuild the archive (build_archive.py ships the calibration/ folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handlers"))
+from cpu_llm import ipex_backend  # noqa: E402
+from cpu_llm.calibration import calibration_batches, read_texts  # noqa: E402
+from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
+from cpu_llm.model import load_model  # noqa: E402
+from cpu_llm.quantize import keep_full_precision  # noqa: E402
+
+
+def calibrate(config_path: Path, model_dir: Path, out: Path) -> float:
+    q = parse_serving_config(yaml.safe_load(config_path.read_text())).quantization
+    if q.method != "smoothquant":
+        raise ConfigError("quantization.method", f"is {q.method}; calibration is for smoothquant")
+    sq = q.smoothquant
+    model, info = load_model(str(model_dir))
+    keep_full_precision(model, q.keep_full_precision)
+    texts = read_texts(ROOT / sq.calibration_data, "quantization.smoothquant.calibration_data")
+    batches = calibration_batches(info.tokenizer, texts, sq.num_samples, sq.seq_len)
+    alphas = ipex_backend.alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)
+    return ipex_backend.calibrate_smoothquant(model, alphas, batches, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Calibrate SmoothQuant and save the qconfig summary.")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smoothquant.yaml")
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--out", type=Path, required=True, help="summary JSON to write (alpha beside it)")
+    args = parser.parse_args()
+    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    started = time.perf_counter()
+    try:
+        alpha = calibrate(args.config, args.model_dir, args.out)
+    except ConfigError as error:
+        sys.exit(f"calibrate: {error}")
+    print(f"wrote {args.out} (alpha {alpha}) in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Accuracy and memory of each quantization mode on a model, measured on the served path.
+
+For every model-config given, load the model, quantize it exactly as the handler does, then
+report: perplexity on a held-out English text (eval/heldout.txt, not the calibration text),
+greedy-token agreement with fp32 (mean share of the first N greedy tokens identical to the
+fp32 model's, up to the first difference), process RSS and the size of the served weights.
+
+    python scripts/evaluate.py configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
+
+Each config runs in its own process, so the RSS column is that mode's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handlers"))
+from cpu_llm.config import parse_serving_config  # noqa: E402
+from cpu_llm.generation import generate_batch  # noqa: E402
+from cpu_llm.model import encode_prompt, load_model  # noqa: E402
+from cpu_llm.quantize import ServedModel, prepare_for_serving  # noqa: E402
+from cpu_llm.request import parse_request  # noqa: E402
+
+HELDOUT = ROOT / "eval" / "heldout.txt"
+PROMPTS = [
+    "What is the capital of France?", "Give me three tips for staying healthy.",
+    "Explain what a CPU cache is.", "Write a short poem about the sea.",
+    "How do I boil an egg?", "What is the difference between a list and a tuple in Python?",
+    "Name three planets of the solar system.", "Why is the sky blue?",
+]
+
+
+def perplexity(served: ServedModel, tokenizer, text: str, window: int = 256) -> float:
+    """exp(mean next-token NLL) over consecutive windows of the text."""
+    ids = tokenizer(text).input_ids
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start:start + window]])
+            if chunk.shape[1] < 2:
+                break
+            logits = served.model(input_ids=chunk, attention_mask=torch.ones_like(chunk),
+                                  position_ids=torch.arange(chunk.shape[1])[None],
+                                  past_key_values=served.new_cache(1), use_cache=True)[0].float()
+            nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum"))
+            count += chunk.shape[1] - 1
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def greedy_tokens(served: ServedModel, info, config, max_new_tokens: int) -> list[tuple[int, ...]]:
+    requests = [parse_request({"messages": [{"role": "user", "content": p}], "max_new_tokens": max_new_tokens},
+                              config) for p in PROMPTS]
+    prompts = [encode_prompt(info.tokenizer, r, config.max_prompt_tokens) for r in requests]
+    groups = [list(range(len(requests)))] if served.batch_invariant else [[i] for i in range(len(requests))]
+    out: dict[int, tuple[int, ...]] = {}
+    for group in groups:
+        results = generate_batch(served.model, info, [requests[i] for i in group],
+                                 [prompts[i] for i in group], served.new_cache)
+        out.update({i: r.token_ids for i, r in zip(group, results)})
+    return [out[i] for i in range(len(requests))]
+
+
+def agreement(tokens: list[tuple[int, ...]], reference: list[tuple[int, ...]], n: int) -> float:
+    """Mean share of the first n reference tokens reproduced before the first difference."""
+    shares = []
+    for mine, ref in zip(tokens, reference):
+        same = 0
+        for a, b in zip(mine, ref):
+            if a != b:
+                break
+            same += 1
+        shares.append(same / max(1, min(n, len(ref))))
+    return sum(min(s, 1.0) for s in shares) / len(shares)
+
+
+def weights_mib(served: ServedModel) -> float:
+    """Bytes of the weights actually served: the traced module for IPEX static quantization,
+    else the model's parameters and buffers (shared storages counted once)."""
+    scripted = getattr(getattr(served.model, "trace_graph", None), "optimized_model", None)
+    if served.report["method"] == "smoothquant" and scripted is not None:
+        with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
+            scripted.save(tmp.name)
+            return os.path.getsize(tmp.name) / 2**20
+    # IPEX's WoQ modules keep their packed int8/int4 weight as a plain attribute, outside the
+    # state_dict; count those too.
+    tensors = list(served.model.state_dict().values())
+    tensors += [m.weight for m in served.model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    seen, total = set(), 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total / 2**20
+
+
+def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]] | None,
+             max_new_tokens: int = 24) -> dict:
+    config = parse_serving_config(yaml.safe_load(config_path.read_text()))
+    model, info = load_model(str(model_dir))
+    started = time.perf_counter()
+    served = prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT))
+    quantize_s = time.perf_counter() - started
+    tokens = greedy_tokens(served, info, config, max_new_tokens)
+    row = {
+        "config": config_path.name, "method": config.quantization.method, "backend": served.backend,
+        "perplexity": round(perplexity(served, info.tokenizer, HELDOUT.read_text()), 3),
+        "greedy_agreement": round(agreement(tokens, reference or tokens, max_new_tokens), 3),
+        "rss_mib": round(psutil.Process().memory_info().rss / 2**20),
+        "weights_mib": round(weights_mib(served)),
+        "quantize_s": round(quantize_s, 1),
+        "quantized_modules": served.report["quantized_modules"],
+        "tokens": tokens,
+    }
+    return row
+
+
+def run_isolated(config: Path, model_dir: Path, reference: Path | None) -> dict:
+    """Evaluate one config in a fresh process, so its RSS is its own."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--single", str(config), "--model-dir", str(model_dir), "--out", out.name]
+        if reference is not None:
+            cmd += ["--reference", str(reference)]
+        subprocess.run(cmd, check=True)
+        return json.loads(Path(out.name).read_text())
+
+
+def evaluate_all(configs: list[Path], model_dir: Path) -> list[dict]:
+    """The first config is the reference for greedy agreement."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = Path(tmp) / "reference.json"
+        for config in configs:
+            row = run_isolated(config, model_dir, reference if rows else None)
+            if not rows:
+                reference.write_text(json.dumps(row["tokens"]))
+            rows.append(row)
+            print(f"{config.name}: perplexity {row['perplexity']}, greedy agreement {row['greedy_agreement']}",
+                  flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    base = rows[0]["perplexity"]
+    lines = ["| config | method | perplexity | vs first | greedy agreement | RSS MiB | weights MiB | quantize s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['method']} | {r['perplexity']:.2f} | "
+                     f"{100 * (r['perplexity'] / base - 1):+.1f}% | {r['greedy_agreement']:.2f} | "
+                     f"{r['rss_mib']} | {r['weights_mib']} | {r['quantize_s']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Accuracy/memory of quantization modes (first config = reference).")
+    parser.add_argument("configs", nargs="*", type=Path)
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--single", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.single:
+        reference = json.loads(args.reference.read_text()) if args.reference else None
+        args.out.write_text(json.dumps(evaluate(args.single, args.model_dir, reference)))
+        return
+    rows = evaluate_all(args.configs, args.model_dir)
+    print()
+    print(markdown_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Each shipped quantization config, packaged and served by a real TorchServe (IPEX stack)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from cpu_llm import quantize
+
+from .server import ROOT, package, running_server
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(importlib.util.find_spec("intel_extension_for_pytorch") is None,
+                       reason="quantization needs IPEX (ipex stack)"),
+]
+MODES = ("woq-int8", "woq-int4", "smoothquant")
+
+
+def _quant_reports(log_dir: Path) -> dict[str, dict]:
+    """model name -> the quantization report its worker logged."""
+    reports = {}
+    for line in (log_dir / "model_log.log").read_text().splitlines():
+        if "quantization: {" in line:
+            report = json.loads(line.split("quantization: ", 1)[1])
+            reports[re.search(r"W-\d+-(.+?)_[\d.]+-stdout", line).group(1)] = report
+    return reports
+
+
+def test_every_mode_is_served_quantized_and_smoothquant_calibration_is_reused(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv(quantize.CACHE_DIR_ENV, str(tmp_path / "cache"))  # the workers inherit it
+    store = None
+    for mode in MODES:
+        raw = yaml.safe_load((ROOT / "configs" / f"{mode}.yaml").read_text())
+        raw["handler"].update(max_new_tokens=16, default_max_new_tokens=8)
+        store = package(tmp_path, model_dir, mode, raw)
+    models = [f"{m}={m}.mar" for m in MODES]
+    with running_server(tmp_path, store, models, timeout=400) as urls:
+        for mode in MODES:
+            response = requests.post(f"{urls['inference']}/predictions/{mode}", timeout=120,
+                                     json={"messages": [{"role": "user", "content": "What is the capital of France?"}]})
+            assert response.status_code == 200, (mode, response.text)
+            assert response.json()["text"].strip()
+            assert requests.post(f"{urls['inference']}/predictions/{mode}", json={"prompt": ""},
+                                 timeout=60).status_code == 400
+        reports = _quant_reports(tmp_path / "logs")
+    assert set(reports) == set(MODES)
+    assert reports["woq-int8"]["linear_modules"]["WeightOnlyQuantizedLinear"] == 150
+    assert reports["woq-int4"]["linear_modules"]["WeightOnlyQuantizedLinear"] == 150
+    assert reports["smoothquant"]["linear_modules"]["int8 linear ops in IPEX traced graph"] == 151
+    assert all(r["backend"] == "ipex" for r in reports.values())
+    assert len(list((tmp_path / "cache" / "smoothquant").glob("*.json"))) == 1
+
+    # A restart finds the cached calibration instead of calibrating again.
+    with running_server(tmp_path, store, ["smoothquant=smoothquant.mar"], timeout=300):
+        log = (tmp_path / "logs" / "model_log.log").read_text()
+    assert "SmoothQuant: reusing calibration" in log and "calibrated with alpha" not in log
