@@ -126,3 +126,20 @@ def test_unsupported_architecture_fails_instead_of_serving_fp32(caplog):
     served = quantize.prepare_for_serving(tiny_gpt2(), None, fallback, "/nonexistent", str(ROOT))
     assert served.report["quantized_modules"] == 0
     assert "SERVING UNQUANTIZED" in caplog.text
+
+
+@needs_ipex
+@pytest.mark.model
+@pytest.mark.parametrize("section", [
+    pytest.param({"dtype": "bf16"}, marks=pytest.mark.skipif(
+        not quantize.bf16_capable(quantize.cpu_flags()), reason="bf16 needs AVX-512 BW or AMX")),
+    {"method": "woq", "woq": {"weight_dtype": "NF4", "group_size": 32}},
+], ids=["bf16", "woq-nf4"])
+def test_other_documented_modes_load_and_generate(model_dir, section):
+    model, info = load_model(str(model_dir))
+    config = parse_serving_config({"quantization": section})
+    served = quantize.prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT))
+    if section.get("method") == "woq":
+        assert served.report["linear_modules"]["WeightOnlyQuantizedLinear"] == 150
+    text = _generate(served, info, config, [{"prompt": "The capital of France is", "max_new_tokens": 4}])[0]
+    assert "Paris" in text
