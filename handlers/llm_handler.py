@@ -49,7 +49,8 @@ class LLMHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context) -> list[dict[str, Any]]:
-        """Validate each request on its own; generate for the valid ones in one batch."""
+        """Validate each request on its own; generate the valid ones together (one at a time
+        when the served model is not batch-invariant: IPEX SmoothQuant)."""
         started = time.perf_counter()
         responses: list[dict[str, Any]] = [{} for _ in data]
         valid = []
