@@ -16,7 +16,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from cpu_llm.config import check_context_length, parse_serving_config, resolve_threads
-from cpu_llm.generation import GenerationResult, generate_batch
+from cpu_llm.generation import GenerationResult
 from cpu_llm.model import encode_prompt, load_model, max_positions, resolve_model_source
 from cpu_llm.quantize import prepare_for_serving
 from cpu_llm.request import RequestError, parse_request
@@ -64,16 +64,13 @@ class LLMHandler(BaseHandler):
                 context.set_response_status(error.status, "Bad Request", idx)
                 responses[idx] = error.to_json()
         if valid:
-            groups = [valid] if self.served.batch_invariant else [[item] for item in valid]
-            results = [
-                result for group in groups for result in generate_batch(
-                    self.served.model, self.tokenizer_info, [r for _, r, _ in group],
-                    [ids for _, _, ids in group], self.served.new_cache,
-                )
-            ]
+            results = self.served.generate(
+                self.tokenizer_info, [r for _, r, _ in valid], [ids for _, _, ids in valid]
+            )
             total_ms = (time.perf_counter() - started) * 1000
+            batch_size = min(len(valid), self.served.max_batch or len(valid))
             for (idx, _, _), result in zip(valid, results):
-                responses[idx] = _response_json(result, len(groups[0]), total_ms)
+                responses[idx] = _response_json(result, batch_size, total_ms)
         return responses
 
 

@@ -28,7 +28,6 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 from cpu_llm.config import parse_serving_config  # noqa: E402
-from cpu_llm.generation import generate_batch  # noqa: E402
 from cpu_llm.model import encode_prompt, load_model  # noqa: E402
 from cpu_llm.quantize import ServedModel, prepare_for_serving  # noqa: E402
 from cpu_llm.request import parse_request  # noqa: E402
@@ -63,13 +62,7 @@ def greedy_tokens(served: ServedModel, info, config, max_new_tokens: int) -> lis
     requests = [parse_request({"messages": [{"role": "user", "content": p}], "max_new_tokens": max_new_tokens},
                               config) for p in PROMPTS]
     prompts = [encode_prompt(info.tokenizer, r, config.max_prompt_tokens) for r in requests]
-    groups = [list(range(len(requests)))] if served.batch_invariant else [[i] for i in range(len(requests))]
-    out: dict[int, tuple[int, ...]] = {}
-    for group in groups:
-        results = generate_batch(served.model, info, [requests[i] for i in group],
-                                 [prompts[i] for i in group], served.new_cache)
-        out.update({i: r.token_ids for i, r in zip(group, results)})
-    return [out[i] for i in range(len(requests))]
+    return [r.token_ids for r in served.generate(info, requests, prompts)]
 
 
 def agreement(tokens: list[tuple[int, ...]], reference: list[tuple[int, ...]], n: int) -> float:

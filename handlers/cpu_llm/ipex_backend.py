@@ -104,6 +104,7 @@ def calibrate_smoothquant(model: torch.nn.Module, alphas: list[float], batches: 
     from intel_extension_for_pytorch.transformers.optimize import get_dummy_input
 
     best = None
+    new_cache = new_cache_fn(model)
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     for alpha in alphas:
         candidate = summary_path.with_name(f"{summary_path.stem}.alpha{alpha}.json")
@@ -111,7 +112,6 @@ def calibrate_smoothquant(model: torch.nn.Module, alphas: list[float], batches: 
         work = ipex.llm.optimize(copy.deepcopy(model), dtype=torch.float32, quantization_config=qconfig,
                                  inplace=True, deployment_mode=False)
         prepared = ipex.quantization.prepare(work, qconfig, example_inputs=get_dummy_input(work), inplace=True)
-        new_cache = new_cache_fn(model)
         with torch.inference_mode():
             for batch in batches:
                 prepared(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from .calibration import calibration_batches, read_texts
 from .errors import ConfigError
+from .generation import GenerationResult, TokenizerInfo, generate_batch
 from .quant_config import SECTION, QuantizationConfig
+from .request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 CACHE_DIR_ENV = "LLM_CPU_CACHE_DIR"  # where SmoothQuant calibrations are cached
@@ -43,8 +45,21 @@ class ServedModel:
     backend: str  # "ipex" or "native"
     report: dict[str, Any]
     # False when a row's output can change with its batch companions (IPEX SmoothQuant's int8
-    # kernels): the handler then generates such requests one at a time.
+    # kernels): such requests are then generated one at a time.
     batch_invariant: bool = True
+
+    @property
+    def max_batch(self) -> int | None:
+        """Most requests generated together (None = no limit)."""
+        return None if self.batch_invariant else 1
+
+    def generate(self, info: TokenizerInfo, requests: list[GenerationRequest],
+                 prompts: list[list[int]]) -> list[GenerationResult]:
+        """Generate for all requests, in as few batches as batch invariance allows."""
+        step = self.max_batch or len(requests)
+        return [result for start in range(0, len(requests), step)
+                for result in generate_batch(self.model, info, requests[start:start + step],
+                                             prompts[start:start + step], self.new_cache)]
 
 
 class FullPrecisionLinear(torch.nn.Module):
