@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,3 +50,26 @@ def calibration_batches(tokenizer, texts: list[str], num_samples: int, seq_len: 
         batches.append(CalibrationBatch(input_ids, torch.ones_like(input_ids),
                                         torch.arange(len(window))[None]))
     return batches
+
+
+def alpha_candidates(alpha: float | str, low: float, high: float, step: float) -> list[float]:
+    if alpha != "auto":
+        return [float(alpha)]
+    count = int(math.floor((high - low) / step + 1e-9)) + 1
+    return [round(low + i * step, 4) for i in range(count)]
+
+
+def calibration_loss(model, batches: list[CalibrationBatch], new_cache: Callable[[int], tuple]) -> float:
+    """Mean next-token cross-entropy over the calibration batches."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in batches:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           past_key_values=new_cache(batch.input_ids.shape[0]),
+                           position_ids=batch.position_ids)[0].float()
+            targets = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((targets != -100).sum())
+    return total / max(count, 1)

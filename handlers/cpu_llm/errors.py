@@ -1,4 +1,4 @@
-"""Errors shared by the config modules (kept apart to avoid an import cycle)."""
+"""Errors shared by several modules (kept apart to avoid import cycles)."""
 
 
 class ConfigError(ValueError):
@@ -7,3 +7,7 @@ class ConfigError(ValueError):
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"model-config.yaml: {key}: {problem}")
         self.key = key
+
+
+class QuantizationError(RuntimeError):
+    """Quantization was asked for but could not be applied."""

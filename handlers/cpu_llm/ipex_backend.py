@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .calibration import CalibrationBatch
+from .calibration import CalibrationBatch, alpha_candidates, calibration_loss
 from .quant_config import QuantizationConfig, WoqConfig
 
 logger = logging.getLogger(__name__)
@@ -83,13 +82,6 @@ def optimize(model: torch.nn.Module, q: QuantizationConfig, torch_dtype: torch.d
                              qconfig_summary_file=str(summary_path), inplace=True, deployment_mode=True)
 
 
-def alpha_candidates(alpha: float | str, low: float, high: float, step: float) -> list[float]:
-    if alpha != "auto":
-        return [float(alpha)]
-    count = int(math.floor((high - low) / step + 1e-9)) + 1
-    return [round(low + i * step, 4) for i in range(count)]
-
-
 def _summary_alpha(summary_path: Path) -> float:
     """The alpha a summary was calibrated with, recorded next to it by `calibrate_smoothquant`."""
     alpha_file = summary_path.with_suffix(".alpha")
@@ -133,19 +125,3 @@ def calibrate_smoothquant(model: torch.nn.Module, alphas: list[float], batches: 
         leftover.unlink()
     logger.info("SmoothQuant: calibrated with alpha=%.2f on %d samples -> %s", alpha, len(batches), summary_path)
     return alpha
-
-
-def calibration_loss(model, batches: list[CalibrationBatch], new_cache: Callable[[int], tuple]) -> float:
-    """Mean next-token cross-entropy over the calibration batches."""
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for batch in batches:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           past_key_values=new_cache(batch.input_ids.shape[0]),
-                           position_ids=batch.position_ids)[0].float()
-            targets = batch.input_ids[:, 1:].masked_fill(batch.attention_mask[:, 1:] == 0, -100)
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((targets != -100).sum())
-    return total / max(count, 1)

@@ -1,7 +1,7 @@
 """Turn the loaded fp32 model into the model we serve, as `quantization:` asks, and say what was done.
 
 Backends: `ipex` (Intel Extension for PyTorch: ipex.llm.optimize, WoQ, SmoothQuant) and
-`native` (plain PyTorch/transformers; quantization arrives with the native-backend issue).
+`native` (plain PyTorch plus our AVX2 kernels: WoQ INT8/INT4 and SmoothQuant W8A8).
 `auto` picks IPEX when it imports. Quantization that silently did nothing (IPEX falls back to
 the original model for architectures it does not know) fails the load, unless
 `fallback_to_unquantized: true` says to serve fp32 -- and then it is logged as a warning.
@@ -25,17 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import calibration_batches, read_texts
-from .errors import ConfigError
+from .errors import ConfigError, QuantizationError
 from .generation import GenerationResult, TokenizerInfo, generate_batch
 from .quant_config import SECTION, QuantizationConfig
+from .quantized_linear import kernel_status
 from .request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 CACHE_DIR_ENV = "LLM_CPU_CACHE_DIR"  # where SmoothQuant calibrations are cached
-
-
-class QuantizationError(RuntimeError):
-    """Quantization was asked for but could not be applied."""
 
 
 @dataclass
@@ -95,9 +92,10 @@ def resolve_backend(q: QuantizationConfig) -> str:
     if backend == "ipex" and not ipex_present:
         raise ConfigError(f"{SECTION}.backend", "ipex: intel-extension-for-pytorch is not installed "
                           "(use the ipex stack: make install STACK=ipex)")
-    if backend == "native" and q.method != "none":
-        raise ConfigError(f"{SECTION}.method", f"{q.method} needs the ipex backend; the native "
-                          "backend serves method: none only in this release")
+    if backend == "native":
+        from .native_backend import check_supported
+
+        check_supported(q)
     return backend
 
 
@@ -131,7 +129,8 @@ def module_report(model: torch.nn.Module) -> tuple[dict[str, int], int]:
     return dict(counts), quantized
 
 
-def smoothquant_summary_path(q: QuantizationConfig, model_source: str, model_dir: str, calibration: Path) -> Path:
+def smoothquant_summary_path(q: QuantizationConfig, backend: str, model_source: str, model_dir: str,
+                             calibration: Path) -> Path:
     """A given summary file, or a cache entry keyed by everything the calibration depends on."""
     sq = q.smoothquant
     if sq.qconfig_summary_file:
@@ -148,7 +147,8 @@ def smoothquant_summary_path(q: QuantizationConfig, model_source: str, model_dir
     digest.update(json.dumps(sq.__dict__, sort_keys=True, default=str).encode())
     digest.update(json.dumps(q.keep_full_precision).encode())
     cache = Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "torchserve-llm-cpu"))
-    return cache / "smoothquant" / f"{digest.hexdigest()[:16]}.json"
+    prefix = "" if backend == "ipex" else f"{backend}-"  # the two backends' files differ in format
+    return cache / "smoothquant" / f"{prefix}{digest.hexdigest()[:16]}.json"
 
 
 def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig,
@@ -163,25 +163,26 @@ def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig
     rss_before, started = process.memory_info().rss, time.perf_counter()
     torch_dtype = torch.bfloat16 if q.dtype == "bf16" else torch.float32
     new_cache: Callable[[int], Any] = lambda n: None  # noqa: E731 - transformers builds its own cache
+    if q.method != "none":
+        if backend == "ipex" and q.method == "smoothquant" and q.keep_full_precision:
+            raise ConfigError(f"{SECTION}.keep_full_precision", "IPEX SmoothQuant quantizes every linear "
+                              "operation, wrapped or not; set keep_full_precision: [] for smoothquant")
+        keep_full_precision(model, q.keep_full_precision)
+    key = f"{SECTION}.smoothquant.calibration_data"
+    calibration = Path(model_dir) / q.smoothquant.calibration_data
+    summary = (smoothquant_summary_path(q, backend, model_source, model_dir, calibration)
+               if q.method == "smoothquant" else None)
+    batches = lambda: calibration_batches(tokenizer, read_texts(calibration, key),  # noqa: E731
+                                          q.smoothquant.num_samples, q.smoothquant.seq_len)
     if backend == "ipex":
         from . import ipex_backend
 
-        if q.method == "smoothquant" and q.keep_full_precision:
-            raise ConfigError(f"{SECTION}.keep_full_precision", "IPEX SmoothQuant quantizes every linear "
-                              "operation, wrapped or not; set keep_full_precision: [] for smoothquant")
-        if q.method != "none":
-            keep_full_precision(model, q.keep_full_precision)
-        key = f"{SECTION}.smoothquant.calibration_data"
-        calibration = Path(model_dir) / q.smoothquant.calibration_data
-        summary = (smoothquant_summary_path(q, model_source, model_dir, calibration)
-                   if q.method == "smoothquant" else None)
-        model = ipex_backend.optimize(
-            model, q, torch_dtype,
-            lambda: calibration_batches(tokenizer, read_texts(calibration, key),
-                                        q.smoothquant.num_samples, q.smoothquant.seq_len),
-            summary,
-        )
+        model = ipex_backend.optimize(model, q, torch_dtype, batches, summary)
         new_cache = ipex_backend.new_cache_fn(model)
+    elif q.method != "none":
+        from . import native_backend
+
+        model = native_backend.optimize(model, q, batches, summary)
     elif torch_dtype != torch.float32:
         model = model.to(torch_dtype)
     counts, quantized = module_report(model)
@@ -194,6 +195,7 @@ def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig
     report = {
         "method": q.method, "backend": backend, "dtype": q.dtype, "cpu_isa": isa,
         "linear_modules": counts, "quantized_modules": quantized,
+        **({"kernels": kernel_status()} if backend == "native" and q.method != "none" else {}),
         "seconds": round(time.perf_counter() - started, 1),
         "rss_mib_before": round(rss_before / 2**20), "rss_mib_after": round(process.memory_info().rss / 2**20),
     }

@@ -1,0 +1,165 @@
+"""SmoothQuant in plain PyTorch: migrate activation outliers into the weights, then W8A8.
+
+Per input channel j of a group of linears that share one input, the smoothing factor is
+    s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+and X / s, W * s leave the product unchanged while flattening X's outlier channels, so
+per-row int8 activations lose little. X / s is folded into whatever produces X: the RMSNorm
+weight in front of q/k/v and of gate/up, and the rows of up_proj in front of down_proj
+(down_proj's input is act(gate) * up). o_proj has no foldable producer under grouped-query
+attention and is quantized unsmoothed.
+
+The calibration result (per-channel activation maxima and the alpha chosen) is a JSON file,
+cached like IPEX's qconfig summary, so a restart does not calibrate again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .calibration import CalibrationBatch, calibration_loss
+from .errors import QuantizationError
+
+logger = logging.getLogger(__name__)
+FORMAT = "cpu-llm-native-smoothquant/1"
+# Smoothing must not change the fp32 model's output beyond float rounding.
+FOLD_TOLERANCE = 1e-3
+
+
+def smoothing_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """(producer of the input, linears reading it) for each Llama-style decoder layer."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    wanted = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+              "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    if layers is None or not all(_has(layer, path) for layer in layers for path in wanted):
+        raise QuantizationError(f"native SmoothQuant needs Llama-style decoder layers ({', '.join(wanted)}); "
+                                f"{type(model).__name__} does not have them")
+    groups = []
+    for i in range(len(layers)):
+        p = f"model.layers.{i}"
+        groups += [
+            (f"{p}.input_layernorm", [f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"]),
+            (f"{p}.post_attention_layernorm", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
+            (f"{p}.mlp.up_proj", [f"{p}.mlp.down_proj"]),
+        ]
+    return groups
+
+
+def _has(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _forward(model: torch.nn.Module, batch: CalibrationBatch) -> torch.Tensor:
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 position_ids=batch.position_ids, use_cache=False)[0]
+
+
+@torch.inference_mode()
+def collect_activation_maxima(model: torch.nn.Module, batches: list[CalibrationBatch]) -> dict[str, torch.Tensor]:
+    """Per-channel max |input| of each group's linears over every calibration token."""
+    maxima: dict[str, torch.Tensor] = {}
+    hooks = []
+    for source, targets in smoothing_groups(model):
+        def record(module, args, name=source):
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
+        hooks.append(model.get_submodule(targets[0]).register_forward_pre_hook(record))
+    try:
+        for batch in batches:
+            _forward(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return maxima
+
+
+def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), over all weights reading channel j."""
+    w_max = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0).float()
+    s = act_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    return s.clamp(min=1e-5)
+
+
+@torch.inference_mode()
+def apply_smoothing(model: torch.nn.Module, act_max: dict[str, torch.Tensor], alpha: float) -> None:
+    """Fold the smoothing factors into producers (divide) and consumers (multiply), in place."""
+    for source, targets in smoothing_groups(model):
+        if source not in act_max:
+            raise QuantizationError(f"the SmoothQuant calibration has no activation maxima for {source}: "
+                                    "it was made for another model")
+        linears = [model.get_submodule(t) for t in targets]
+        s = smoothing_factors(act_max[source], [lin.weight for lin in linears], alpha)
+        producer = model.get_submodule(source)
+        if isinstance(producer, torch.nn.Linear):  # up_proj: scale its output rows
+            producer.weight.div_(s[:, None])
+            if producer.bias is not None:
+                producer.bias.div_(s)
+        else:  # RMSNorm: y = x_normed * weight
+            producer.weight.div_(s)
+        for lin in linears:
+            lin.weight.mul_(s[None, :])
+
+
+def check_smoothing_is_exact(model: torch.nn.Module, smoothed: torch.nn.Module, batch: CalibrationBatch) -> None:
+    """Smoothing is an identity in exact arithmetic; if the output moved, the architecture's
+    norm does something else with its weight (e.g. Gemma's 1 + weight) and folding is wrong."""
+    with torch.inference_mode():
+        before, after = _forward(model, batch), _forward(smoothed, batch)
+    drift = float((after - before).abs().max() / before.abs().max())
+    if drift > FOLD_TOLERANCE:
+        raise QuantizationError(f"SmoothQuant folding changed the fp32 output by {drift:.2e} (relative); "
+                                f"{type(model).__name__}'s norms cannot absorb the smoothing factors")
+
+
+def save_calibration(path: Path, act_max: dict[str, torch.Tensor], alpha: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "alpha": alpha,
+               "activation_max": {name: [round(v, 6) for v in t.tolist()] for name, t in act_max.items()}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)  # a crashed calibration never leaves a half-written cache entry
+
+
+def load_calibration(path: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """Read a saved calibration; ValueError if the file is not one (an IPEX summary, say)."""
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a native SmoothQuant calibration (format {payload.get('format')!r}, "
+                                f"expected {FORMAT!r}); an IPEX qconfig summary only works with backend: ipex")
+    return {name: torch.tensor(v) for name, v in payload["activation_max"].items()}, float(payload["alpha"])
+
+
+def calibrate(model: torch.nn.Module, batches: list[CalibrationBatch], alphas: list[float],
+              quantize: Callable[[torch.nn.Module], None], path: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """Collect activation maxima; with several alphas keep the one whose quantized model has
+    the lowest loss on the calibration set. Saves the result to `path`."""
+    act_max = collect_activation_maxima(model, batches)
+    best: tuple[float, float] | None = None
+    for alpha in alphas:
+        candidate = copy.deepcopy(model)
+        apply_smoothing(candidate, act_max, alpha)
+        check_smoothing_is_exact(model, candidate, batches[0])
+        if len(alphas) == 1:
+            best = (0.0, alpha)
+            break
+        quantize(candidate)
+        loss = calibration_loss(candidate, batches, lambda n: None)
+        logger.info("SmoothQuant alpha=%.2f: calibration loss %.4f", alpha, loss)
+        if best is None or loss < best[0]:
+            best = (loss, alpha)
+    alpha = best[1]
+    save_calibration(path, act_max, alpha)
+    logger.info("SmoothQuant: calibrated with alpha=%.2f on %d samples -> %s", alpha, len(batches), path)
+    return act_max, alpha
