@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 
 from cpu_llm import quantize
 from cpu_llm.config import ConfigError, parse_serving_config
-from cpu_llm.generation import generate_batch
+from cpu_llm.generation import left_pad, prefill
 from cpu_llm.model import encode_prompt, load_model
 from cpu_llm.quant_config import parse_quantization_config
 from cpu_llm.request import parse_request
@@ -23,13 +24,18 @@ HAS_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
 needs_ipex = pytest.mark.skipif(not HAS_IPEX, reason="IPEX is only in the ipex stack")
 
 
-def _config(name: str):
-    return parse_serving_config(yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()))
+BACKENDS = [pytest.param("native"), pytest.param("ipex", marks=needs_ipex)]
 
 
-def _serve(model_dir, name: str):
+def _config(name: str, backend: str = "auto", **changes):
+    raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    raw.setdefault("quantization", {}).update(backend=backend, **changes)
+    return parse_serving_config(raw)
+
+
+def _serve(model_dir, name: str, backend: str = "auto", **changes):
     model, info = load_model(str(model_dir))
-    config = _config(name)
+    config = _config(name, backend, **changes)
     served = quantize.prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT))
     return served, info, config
 
@@ -37,7 +43,28 @@ def _serve(model_dir, name: str):
 def _generate(served, info, config, bodies):
     requests = [parse_request(b, config) for b in bodies]
     prompts = [encode_prompt(info.tokenizer, r, config.max_prompt_tokens) for r in requests]
-    return [r.text for r in generate_batch(served.model, info, requests, prompts, served.new_cache)]
+    return [r.text for r in served.generate(info, requests, prompts)]
+
+
+def _assert_rows_independent(served, info, config):
+    """Quantization must not couple the rows of a batch. Identical rows give identical text,
+    and a row's logits alone and inside a padded batch differ only by the attention kernels'
+    own float drift (fp32 shows ~3e-5 too). Greedy text alone vs in a batch is not compared
+    here: at a near-tie that drift can flip a token in any mode, fp32 included."""
+    a = {"prompt": "Water boils at", "max_new_tokens": 8}
+    c = {"prompt": "The history of the bicycle begins in", "max_new_tokens": 8}
+    texts = _generate(served, info, config, [c, a, a])
+    assert texts[1] == texts[2]
+    prompts = [encode_prompt(info.tokenizer, parse_request(b, config), 64) for b in (a, c)]
+    with torch.inference_mode():
+        alone = prefill(served.model, *left_pad(prompts[:1], info.pad_id), served.new_cache(1))[0]
+        batch = prefill(served.model, *left_pad(prompts, info.pad_id), served.new_cache(2))[0]
+    assert float((alone[0] - batch[0]).abs().max()) < 1e-4
+
+
+# Module types each backend turns SmolLM2's 30 layers x 7 projections into.
+WOQ_MODULES = {"native": "QuantizedLinear", "ipex": "WeightOnlyQuantizedLinear"}
+WOQ_COUNTS = {"native": 210, "ipex": 150}  # IPEX fuses gate/up and q/k/v into fewer modules
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +80,21 @@ def test_bf16_is_refused_on_cpus_without_avx512bw(monkeypatch, model_dir):
     assert error.value.key == "quantization.dtype" and "avx512bw" in str(error.value)
 
 
-def test_quantization_without_a_quantizing_backend_is_a_config_error(monkeypatch):
+@pytest.mark.parametrize("section,key", [
+    ({"method": "woq", "woq": {"weight_dtype": "NF4"}}, "quantization.woq.weight_dtype"),
+    ({"method": "woq", "woq": {"lowp_mode": "INT8"}}, "quantization.woq.lowp_mode"),
+    ({"method": "woq", "woq": {"group_size": 16}}, "quantization.woq.group_size"),
+    ({"method": "smoothquant", "dtype": "bf16"}, "quantization.dtype"),
+])
+def test_native_backend_refuses_what_only_ipex_implements(section, key):
+    with pytest.raises(ConfigError) as error:
+        quantize.resolve_backend(parse_quantization_config({**section, "backend": "native"}))
+    assert error.value.key == key
+
+
+def test_auto_picks_native_without_ipex_and_ipex_must_be_installed_to_be_asked_for(monkeypatch):
     monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ConfigError, match="quantization.method"):
-        quantize.resolve_backend(parse_quantization_config({"method": "woq"}))
+    assert quantize.resolve_backend(parse_quantization_config({"method": "woq"})) == "native"
     with pytest.raises(ConfigError, match="quantization.backend: ipex: intel-extension-for-pytorch is not installed"):
         quantize.resolve_backend(parse_quantization_config({"backend": "ipex"}))
 
@@ -69,42 +107,71 @@ def test_keep_full_precision_must_name_a_linear_layer():
     assert isinstance(model[0], quantize.FullPrecisionLinear)
 
 
-@needs_ipex
 @pytest.mark.model
-@pytest.mark.parametrize("name,dtype", [("woq-int8", "INT8"), ("woq-int4", "INT4")])
-def test_woq_turns_linear_layers_into_ipex_woq_modules(model_dir, name, dtype):
-    served, info, config = _serve(model_dir, name)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["woq-int8", "woq-int4"])
+def test_woq_quantizes_every_linear_layer_but_the_kept_lm_head(model_dir, name, backend):
+    served, info, config = _serve(model_dir, name, backend)
     modules = served.report["linear_modules"]
-    assert modules.get("WeightOnlyQuantizedLinear") == 150  # 30 layers x 5 projections
+    assert modules.get(WOQ_MODULES[backend]) == WOQ_COUNTS[backend]
     assert "Linear" not in modules  # nothing left as a plain float nn.Linear ...
     assert isinstance(served.model.lm_head, quantize.FullPrecisionLinear)  # ... but the kept lm_head
-    woq = next(m for m in served.model.modules() if type(m).__name__ == "WeightOnlyQuantizedLinear")
-    assert woq.weight.dtype in (torch.int8, torch.uint8, torch.quint4x2)
+    woq = next(m for m in served.model.modules() if type(m).__name__ == WOQ_MODULES[backend])
+    stored = woq.qweight if backend == "native" else woq.weight
+    assert stored.dtype in (torch.int8, torch.uint8, torch.quint4x2)
     assert served.batch_invariant
-    a = {"prompt": "Water boils at", "max_new_tokens": 8}
-    c = {"prompt": "The history of the bicycle begins in", "max_new_tokens": 8}
-    alone = _generate(served, info, config, [a])
-    assert _generate(served, info, config, [a, c])[0] == alone[0]
-    assert _generate(served, info, config, [c, a, a]) [1:] == alone * 2
+    _assert_rows_independent(served, info, config)
 
 
-@needs_ipex
 @pytest.mark.model
-def test_smoothquant_runs_int8_linears_and_reuses_its_calibration(model_dir, caplog):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smoothquant_runs_int8_linears_and_reuses_its_calibration(model_dir, caplog, backend):
     caplog.set_level(logging.INFO)
     started = time.perf_counter()
-    served, info, config = _serve(model_dir, "smoothquant")
+    served, info, config = _serve(model_dir, "smoothquant", backend)
     first_s = time.perf_counter() - started
-    assert served.report["linear_modules"]["int8 linear ops in IPEX traced graph"] == 151  # incl. lm_head
-    assert not served.batch_invariant
+    if backend == "ipex":
+        assert served.report["linear_modules"]["int8 linear ops in IPEX traced graph"] == 151  # incl. lm_head
+        assert not served.batch_invariant
+    else:
+        assert served.report["linear_modules"] == {"QuantizedLinear": 211}  # incl. lm_head
+        assert {m.kind for m in served.model.modules() if type(m).__name__ == "QuantizedLinear"} == {"w8a8"}
+        assert served.batch_invariant  # activations are quantized per row
+        _assert_rows_independent(served, info, config)
     assert "SmoothQuant: calibrated with alpha" in caplog.text
-    assert _generate(served, info, config, [{"prompt": "The capital of France is", "max_new_tokens": 4}])[0]
+    assert "Paris" in _generate(served, info, config,
+                                [{"prompt": "The capital of France is", "max_new_tokens": 4}])[0]
     caplog.clear()
     started = time.perf_counter()
-    _serve(model_dir, "smoothquant")
+    _serve(model_dir, "smoothquant", backend)
     assert "SmoothQuant: reusing calibration" in caplog.text
     assert "calibrated with alpha" not in caplog.text
-    print(f"smoothquant load: first {first_s:.1f} s, cached {time.perf_counter() - started:.1f} s")
+    print(f"{backend} smoothquant load: first {first_s:.1f} s, cached {time.perf_counter() - started:.1f} s")
+
+
+@pytest.mark.model
+def test_native_smoothquant_refuses_an_ipex_summary_naming_the_key(model_dir, tmp_path):
+    summary = tmp_path / "ipex-summary.json"
+    summary.write_text(json.dumps({" ": {"q_op_infos": {}}}))
+    with pytest.raises(ConfigError) as error:
+        _serve(model_dir, "smoothquant", "native", smoothquant={"qconfig_summary_file": str(summary)})
+    assert error.value.key == "quantization.smoothquant.qconfig_summary_file"
+    assert "not a native SmoothQuant calibration" in str(error.value)
+
+
+def test_native_woq_quantizes_gpt2_conv1d_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=128, n_positions=64)).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.inference_mode():
+        before = model(ids).logits
+    served = quantize.prepare_for_serving(model, None, parse_quantization_config(
+        {"method": "woq", "backend": "native"}), "/nonexistent", str(ROOT))
+    assert served.report["linear_modules"] == {"QuantizedLinear": 8}  # 2 layers x 4 Conv1D; lm_head kept
+    with torch.inference_mode():
+        after = served.model(ids).logits
+    assert float((after - before).norm() / before.norm()) < 0.02
 
 
 @needs_ipex

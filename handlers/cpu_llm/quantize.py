@@ -28,7 +28,7 @@ from .calibration import calibration_batches, read_texts
 from .errors import ConfigError, QuantizationError
 from .generation import GenerationResult, TokenizerInfo, generate_batch
 from .quant_config import SECTION, QuantizationConfig
-from .quantized_linear import kernel_status
+from .quantized_linear import as_linear, kernel_status
 from .request import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,14 @@ def resolve_backend(q: QuantizationConfig) -> str:
 def keep_full_precision(model: torch.nn.Module, names: tuple[str, ...]) -> None:
     for name in names:
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, attr, None)
-        if not isinstance(module, torch.nn.Linear):
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:
+            parent = None
+        linear = as_linear(getattr(parent, attr, None))
+        if linear is None:
             raise ConfigError(f"{SECTION}.keep_full_precision", f"'{name}' is not a linear layer of this model")
-        setattr(parent, attr, FullPrecisionLinear(module))
+        setattr(parent, attr, FullPrecisionLinear(linear))
 
 
 def module_report(model: torch.nn.Module) -> tuple[dict[str, int], int]:

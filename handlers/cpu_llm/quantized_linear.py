@@ -109,13 +109,27 @@ class QuantizedLinear(torch.nn.Module):
                 + f", kernel={'avx2' if self.use_kernel else 'reference'}")
 
 
+def as_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """`module` as an nn.Linear if it is one in all but name: GPT-2's Conv1D is a linear layer
+    with its weight stored transposed."""
+    if type(module) is torch.nn.Linear:
+        return module
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        linear = torch.nn.Linear(module.nx, module.nf, bias=module.bias is not None, device="meta")
+        linear.weight = torch.nn.Parameter(module.weight.detach().T, requires_grad=False)
+        linear.bias = module.bias
+        return linear
+    return None
+
+
 def replace_linears(model: torch.nn.Module, convert: Callable[[str, torch.nn.Linear], torch.nn.Module]) -> list[str]:
-    """Replace every nn.Linear of `model` by `convert(name, linear)`; returns the names replaced.
+    """Replace every linear layer of `model` by `convert(name, linear)`; returns the names replaced.
 
     Layers to keep in full precision are wrapped beforehand (quantize.keep_full_precision)
     so they are no longer nn.Linear; embeddings are nn.Embedding and are never touched.
     """
-    targets = [(name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear]
+    targets = [(name, linear) for name, module in model.named_modules()
+               if (linear := as_linear(module)) is not None]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
