@@ -10,10 +10,13 @@ MODEL := $(MODEL_DIR)/model.safetensors
 ARCHIVE := model-store/smollm2.mar
 HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py)
 
-.PHONY: install model archive serve stop test unit evaluate lock clean
+.PHONY: install model archive serve stop test unit evaluate bench quant-report lock clean
+QUANT_CONFIGS := configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
+CONFIG ?= configs/woq-int8.yaml
+BACKEND ?= auto
 
 install: $(VENV)/.installed
-$(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh
+$(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh kernels/cpu_llm_kernels.cpp kernels/setup.py
 	bash scripts/install.sh $(STACK)
 
 model: $(MODEL)
@@ -37,7 +40,15 @@ unit: | $(VENV)/.installed
 	$(PY) -m pytest tests -m "not integration and not model"
 
 evaluate: $(MODEL)
-	$(PY) scripts/evaluate.py configs/model-config.yaml configs/woq-int8.yaml configs/smoothquant.yaml configs/woq-int4.yaml
+	$(PY) scripts/evaluate.py --backend $(BACKEND) $(QUANT_CONFIGS)
+
+# fp32 and each quantized mode side by side: perplexity and prefill/decode tokens/s at batch 1 and 8
+bench: $(MODEL)
+	$(PY) scripts/evaluate.py --speed --backend $(BACKEND) $(QUANT_CONFIGS)
+
+# per-layer quantization error and model size before/after:  make quant-report CONFIG=configs/woq-int4.yaml
+quant-report: $(MODEL)
+	$(PY) scripts/quant_report.py --config $(CONFIG)
 
 lock: | $(VENV)/.installed
 	{ echo "# Exact versions of the '$(STACK)' stack, as installed and tested (pip freeze)."; \

@@ -1,13 +1,17 @@
-"""Accuracy and memory of each quantization mode on a model, measured on the served path.
+"""Accuracy, memory and speed of each quantization mode, measured on the served path.
 
 For every model-config given, load the model, quantize it exactly as the handler does, then
 report: perplexity on a held-out English text (eval/heldout.txt, not the calibration text),
 greedy-token agreement with fp32 (mean share of the first N greedy tokens identical to the
 fp32 model's, up to the first difference), process RSS and the size of the served weights.
+With --speed, also prefill and decode tokens/s at batch 1 and 8 (greedy, the server's own
+prefill/decode functions, as many threads as the config's num_threads gives the server).
 
     python scripts/evaluate.py configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
+    python scripts/evaluate.py --speed --backend native configs/...   # make bench
 
-Each config runs in its own process, so the RSS column is that mode's alone.
+Each config runs in its own process, so the RSS column is that mode's alone, and --backend
+overrides every config's quantization.backend (fp32 included: native = plain transformers).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm.config import parse_serving_config  # noqa: E402
+from cpu_llm.config import parse_serving_config, resolve_threads  # noqa: E402
+from cpu_llm.generation import decode_one_token, left_pad, prefill  # noqa: E402
 from cpu_llm.model import encode_prompt, load_model  # noqa: E402
 from cpu_llm.quantize import ServedModel, prepare_for_serving  # noqa: E402
 from cpu_llm.request import parse_request  # noqa: E402
@@ -99,9 +104,34 @@ def weights_mib(served: ServedModel) -> float:
     return total / 2**20
 
 
+def speed(served: ServedModel, pad_id: int, batch: int, prompt_len: int = 32, steps: int = 64) -> dict[str, float]:
+    """Prefill and decode tokens/s for `batch` rows of `prompt_len` tokens, `steps` greedy steps."""
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(100, 20000, (batch, prompt_len), generator=generator).tolist()
+    result = {}
+    with torch.inference_mode():
+        for measured in (False, True):  # the first pass warms caches and the allocator
+            input_ids, mask = left_pad(prompts, pad_id)
+            started = time.perf_counter()
+            logits, cache = prefill(served.model, input_ids, mask, served.new_cache(batch))
+            prefill_s = time.perf_counter() - started
+            started = time.perf_counter()
+            for _ in range(steps if measured else 4):
+                mask = torch.cat([mask, torch.ones((batch, 1), dtype=torch.long)], dim=1)
+                logits, cache = decode_one_token(served.model, logits.argmax(-1), mask, cache)
+            decode_s = time.perf_counter() - started
+        result = {f"prefill_tok_s_b{batch}": batch * prompt_len / prefill_s,
+                  f"decode_tok_s_b{batch}": batch * steps / decode_s}
+    return result
+
+
 def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]] | None,
-             max_new_tokens: int = 24) -> dict:
-    config = parse_serving_config(yaml.safe_load(config_path.read_text()))
+             backend: str | None = None, with_speed: bool = False, max_new_tokens: int = 24) -> dict:
+    raw = yaml.safe_load(config_path.read_text())
+    if backend:
+        raw.setdefault("quantization", {})["backend"] = backend
+    config = parse_serving_config(raw)
+    torch.set_num_threads(resolve_threads(config))
     model, info = load_model(str(model_dir))
     started = time.perf_counter()
     served = prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT))
@@ -117,42 +147,56 @@ def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]
         "quantized_modules": served.report["quantized_modules"],
         "tokens": tokens,
     }
+    if with_speed:
+        for batch in (1, 8):
+            row.update({k: round(v, 1) for k, v in speed(served, info.pad_id, batch).items()})
     return row
 
 
-def run_isolated(config: Path, model_dir: Path, reference: Path | None) -> dict:
+def run_isolated(config: Path, model_dir: Path, reference: Path | None, options: list[str]) -> dict:
     """Evaluate one config in a fresh process, so its RSS is its own."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--single", str(config), "--model-dir", str(model_dir), "--out", out.name]
         if reference is not None:
             cmd += ["--reference", str(reference)]
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd + options, check=True)
         return json.loads(Path(out.name).read_text())
 
 
-def evaluate_all(configs: list[Path], model_dir: Path) -> list[dict]:
-    """The first config is the reference for greedy agreement."""
+def evaluate_all(configs: list[Path], model_dir: Path, backend: str | None = None,
+                 with_speed: bool = False) -> list[dict]:
+    """The first config is the reference for greedy agreement (and speed ratios)."""
+    options = (["--backend", backend] if backend else []) + (["--speed"] if with_speed else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "reference.json"
         for config in configs:
-            row = run_isolated(config, model_dir, reference if rows else None)
+            row = run_isolated(config, model_dir, reference if rows else None, options)
             if not rows:
                 reference.write_text(json.dumps(row["tokens"]))
             rows.append(row)
-            print(f"{config.name}: perplexity {row['perplexity']}, greedy agreement {row['greedy_agreement']}",
-                  flush=True)
+            speeds = (f", decode tok/s b1 {row['decode_tok_s_b1']} b8 {row['decode_tok_s_b8']}"
+                      if with_speed else "")
+            print(f"{config.name} ({row['backend']}): perplexity {row['perplexity']}, "
+                  f"greedy agreement {row['greedy_agreement']}{speeds}", flush=True)
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    base = rows[0]["perplexity"]
-    lines = ["| config | method | perplexity | vs first | greedy agreement | RSS MiB | weights MiB | quantize s |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = rows[0]
+    with_speed = "decode_tok_s_b1" in base
+    header = "| config | backend | perplexity | vs first | greedy agreement | RSS MiB | weights MiB | quantize s |"
+    if with_speed:
+        header += " decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | prefill tok/s b8 |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['method']} | {r['perplexity']:.2f} | "
-                     f"{100 * (r['perplexity'] / base - 1):+.1f}% | {r['greedy_agreement']:.2f} | "
-                     f"{r['rss_mib']} | {r['weights_mib']} | {r['quantize_s']} |")
+        line = (f"| {r['config']} | {r['backend']} | {r['perplexity']:.2f} | "
+                f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}% | {r['greedy_agreement']:.2f} | "
+                f"{r['rss_mib']} | {r['weights_mib']} | {r['quantize_s']} |")
+        if with_speed:
+            line += "".join(f" {r[k]:.1f} ({r[k] / base[k]:.2f}x) |" for k in
+                            ("decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s_b1", "prefill_tok_s_b8"))
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -161,6 +205,8 @@ def main() -> None:
     parser.add_argument("configs", nargs="*", type=Path)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--backend", choices=["auto", "ipex", "native"], help="override quantization.backend")
+    parser.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s at batch 1 and 8")
     parser.add_argument("--single", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -168,9 +214,9 @@ def main() -> None:
     torch.manual_seed(0)
     if args.single:
         reference = json.loads(args.reference.read_text()) if args.reference else None
-        args.out.write_text(json.dumps(evaluate(args.single, args.model_dir, reference)))
+        args.out.write_text(json.dumps(evaluate(args.single, args.model_dir, reference, args.backend, args.speed)))
         return
-    rows = evaluate_all(args.configs, args.model_dir)
+    rows = evaluate_all(args.configs, args.model_dir, args.backend, args.speed)
     print()
     print(markdown_table(rows))
     if args.json:

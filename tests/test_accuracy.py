@@ -14,17 +14,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [
-    pytest.mark.model,
-    pytest.mark.skipif(importlib.util.find_spec("intel_extension_for_pytorch") is None,
-                       reason="quantization needs IPEX (ipex stack)"),
-]
+pytestmark = pytest.mark.model
+BACKENDS = ["native", pytest.param("ipex", marks=pytest.mark.skipif(
+    importlib.util.find_spec("intel_extension_for_pytorch") is None, reason="IPEX is only in the ipex stack"))]
 
 
-def test_quantized_perplexity_stays_close_to_fp32(tmp_path, monkeypatch, model_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantized_perplexity_stays_close_to_fp32(tmp_path, monkeypatch, model_dir, backend):
     monkeypatch.setenv(quantize.CACHE_DIR_ENV, str(tmp_path))
     names = ["model-config", "woq-int8", "smoothquant", "woq-int4"]
-    rows = {r["config"]: r for r in evaluate_all([ROOT / "configs" / f"{n}.yaml" for n in names], model_dir)}
+    configs = [ROOT / "configs" / f"{n}.yaml" for n in names]
+    rows = {r["config"]: r for r in evaluate_all(configs, model_dir, backend=backend)}
+    assert {r["backend"] for r in rows.values()} == {backend}
     print("\n" + markdown_table(list(rows.values())))
     fp32 = rows["model-config.yaml"]["perplexity"]
     assert 5 < fp32 < 100  # a sane language model on plain English (random weights: ~50,000)
