@@ -1,4 +1,8 @@
-"""Calibrate SmoothQuant offline and save the IPEX qconfig summary to ship in the archive.
+"""Calibrate SmoothQuant offline and save the result to ship in the archive.
+
+The file is the backend's own: IPEX's qconfig summary (alpha in a `.alpha` file beside it)
+or the native backend's JSON of activation maxima and alpha. `--backend` overrides the
+config's `quantization.backend` (auto = IPEX when installed).
 
 Without a saved summary the first worker calibrates at start-up (and caches the result in
 $LLM_CPU_CACHE_DIR, default ~/.cache/torchserve-llm-cpu). Calibrating ahead of time makes
@@ -21,15 +25,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm import ipex_backend  # noqa: E402
-from cpu_llm.calibration import calibration_batches, read_texts  # noqa: E402
+from cpu_llm import native_smoothquant  # noqa: E402
+from cpu_llm.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
 from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
 from cpu_llm.model import load_model  # noqa: E402
-from cpu_llm.quantize import keep_full_precision  # noqa: E402
+from cpu_llm.native_backend import quantize_w8a8  # noqa: E402
+from cpu_llm.quantize import keep_full_precision, resolve_backend  # noqa: E402
 
 
-def calibrate(config_path: Path, model_dir: Path, out: Path) -> float:
-    q = parse_serving_config(yaml.safe_load(config_path.read_text())).quantization
+def calibrate(config_path: Path, model_dir: Path, out: Path, backend: str | None = None) -> float:
+    raw = yaml.safe_load(config_path.read_text())
+    if backend:
+        raw.setdefault("quantization", {})["backend"] = backend
+    q = parse_serving_config(raw).quantization
     if q.method != "smoothquant":
         raise ConfigError("quantization.method", f"is {q.method}; calibration is for smoothquant")
     sq = q.smoothquant
@@ -37,7 +45,11 @@ def calibrate(config_path: Path, model_dir: Path, out: Path) -> float:
     keep_full_precision(model, q.keep_full_precision)
     texts = read_texts(ROOT / sq.calibration_data, "quantization.smoothquant.calibration_data")
     batches = calibration_batches(info.tokenizer, texts, sq.num_samples, sq.seq_len)
-    alphas = ipex_backend.alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)
+    alphas = alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)
+    if resolve_backend(q) == "native":
+        return native_smoothquant.calibrate(model, batches, alphas, quantize_w8a8, out)[1]
+    from cpu_llm import ipex_backend
+
     return ipex_backend.calibrate_smoothquant(model, alphas, batches, out)
 
 
@@ -45,12 +57,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Calibrate SmoothQuant and save the qconfig summary.")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "smoothquant.yaml")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
-    parser.add_argument("--out", type=Path, required=True, help="summary JSON to write (alpha beside it)")
+    parser.add_argument("--out", type=Path, required=True, help="calibration JSON to write")
+    parser.add_argument("--backend", choices=["auto", "ipex", "native"], help="override quantization.backend")
     args = parser.parse_args()
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     started = time.perf_counter()
     try:
-        alpha = calibrate(args.config, args.model_dir, args.out)
+        alpha = calibrate(args.config, args.model_dir, args.out, args.backend)
     except ConfigError as error:
         sys.exit(f"calibrate: {error}")
     print(f"wrote {args.out} (alpha {alpha}) in {time.perf_counter() - started:.0f} s")

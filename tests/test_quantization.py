@@ -159,6 +159,18 @@ def test_native_smoothquant_refuses_an_ipex_summary_naming_the_key(model_dir, tm
     assert "not a native SmoothQuant calibration" in str(error.value)
 
 
+@pytest.mark.model
+def test_an_offline_native_calibration_is_served_without_calibrating(model_dir, tmp_path, caplog):
+    from calibrate import calibrate
+
+    out = tmp_path / "smollm2-sq.json"
+    assert calibrate(ROOT / "configs" / "smoothquant.yaml", model_dir, out, backend="native") == 0.7
+    caplog.set_level(logging.INFO)
+    served, info, config = _serve(model_dir, "smoothquant", "native", smoothquant={"qconfig_summary_file": str(out)})
+    assert f"SmoothQuant: reusing calibration {out}" in caplog.text and "calibrated with alpha" not in caplog.text
+    assert served.report["quantized_modules"] == 211
+
+
 def test_native_woq_quantizes_gpt2_conv1d_layers():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -26,7 +26,7 @@ except ImportError:  # not built (no compiler at install time, or another torch)
     _kernels = None
 
 # Above this many rows (prefill), WoQ layers dequantize into a float GEMM: the matrix-vector
-# kernels win only while the weights' memory traffic dominates (measured in scripts/bench_quant.py).
+# kernels win only while the weights' memory traffic dominates (scripts/bench_kernels.py).
 KERNEL_MAX_ROWS = 16
 
 
