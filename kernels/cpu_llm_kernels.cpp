@@ -128,14 +128,24 @@ torch::Tensor woq_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
 }
 
 // The fp32 weight the quantized one stands for (large-batch prefill uses it with a float GEMM).
-torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, torch::Tensor offsets, int64_t bits) {
+// `out`, when given, is reused storage: a fresh 1-100 MB buffer per call costs more in page
+// faults than the dequantization itself.
+torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, torch::Tensor offsets, int64_t bits,
+                                c10::optional<torch::Tensor> out) {
   const int64_t N = qweight.size(0), K = qweight.size(1) * (bits == 4 ? 2 : 1);
   check_weights(torch::empty({0, K}), qweight, scales, offsets, bits, K);
-  auto w = torch::empty({N, K}, scales.options());
+  torch::Tensor w;
+  if (out.has_value() && out->defined()) {
+    TORCH_CHECK(out->scalar_type() == torch::kFloat && out->is_contiguous() && out->numel() == N * K,
+                "out must be a contiguous float32 tensor of N * K elements");
+    w = out->view({N, K});
+  } else {
+    w = torch::empty({N, K}, scales.options());
+  }
   const int64_t groups = scales.size(1), group = K / groups, row_bytes = qweight.size(1);
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const float *sp = scales.data_ptr<float>(), *op = offsets.data_ptr<float>();
-  float* out = w.data_ptr<float>();
+  float* dst = w.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     __m256 v[4];
     for (int64_t n = n0; n < n1; ++n) {
@@ -144,7 +154,7 @@ torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, tor
         const __m256 scale = _mm256_set1_ps(sp[gi]), offset = _mm256_set1_ps(op[gi]);
         if (bits == 8) load32<8>(wp + n * row_bytes, k, scale, offset, v);
         else load32<4>(wp + n * row_bytes, k, scale, offset, v);
-        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + n * K + k + 8 * i, v[i]);
+        for (int i = 0; i < 4; ++i) _mm256_storeu_ps(dst + n * K + k + 8 * i, v[i]);
       }
     }
   });

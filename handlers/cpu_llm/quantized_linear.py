@@ -25,9 +25,20 @@ try:
 except ImportError:  # not built (no compiler at install time, or another torch)
     _kernels = None
 
-# Above this many rows (prefill), WoQ layers dequantize into a float GEMM: the matrix-vector
-# kernels win only while the weights' memory traffic dominates (scripts/bench_kernels.py).
-KERNEL_MAX_ROWS = 16
+# Above this many rows (prefill), WoQ layers dequantize into a float GEMM. Measured on whole
+# SmolLM2 prefills: the kernel wins up to 32 rows, dequantize + GEMM from 64 rows on
+# (per layer shape: scripts/bench_kernels.py).
+KERNEL_MAX_ROWS = 32
+_scratch = torch.empty(0)  # reused dequantization buffer, grown to the largest layer
+
+
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    """Storage for one dequantized weight. The serving worker runs one forward at a time, and
+    each layer consumes its dequantized weight before the next layer asks for the buffer."""
+    global _scratch
+    if _scratch.numel() < numel:
+        _scratch = torch.empty(numel)
+    return _scratch[:numel]
 
 
 def kernel_status() -> str:
@@ -78,9 +89,12 @@ class QuantizedLinear(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Linear, spec: QuantSpec, kind: str = "woq") -> "QuantizedLinear":
         return cls(quantize(linear.weight, spec), linear.bias, kind)
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, reuse_buffer: bool = False) -> torch.Tensor:
+        """The float32 weight; with `reuse_buffer` it lives in the shared scratch buffer and is
+        only valid until the next layer's call."""
         if self.use_kernel:
-            return _kernels.dequantize_weight(self.qweight, self.scales, self.offsets, self.bits)
+            out = _scratch_buffer(self.out_features * self.in_features) if reuse_buffer else None
+            return _kernels.dequantize_weight(self.qweight, self.scales, self.offsets, self.bits, out)
         return _reference_dequantize(self.qweight, self.scales, self.offsets, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +105,7 @@ class QuantizedLinear(torch.nn.Module):
         elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS:
             y = _kernels.woq_linear(x2, self.qweight, self.scales, self.offsets, self.bits, self.bias)
         else:
-            y = F.linear(x2, self.dequantized_weight(), self.bias)
+            y = F.linear(x2, self.dequantized_weight(reuse_buffer=True), self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
