@@ -1,11 +1,17 @@
 """TorchServe handler for causal LMs on CPU: thin glue between TorchServe and `cpu_llm`.
 
 TorchServe allows a single class per handler module, so all logic lives in the `cpu_llm`
-package shipped next to this file in the model archive.
+package shipped next to this file in the model archive. Two batching modes, chosen by the
+model-config's `continuousBatching` key:
+- dynamic batching (default): each `handle()` call generates one batch from start to end;
+  streaming requests get their text through intermediate responses as it is generated;
+- continuous batching: each `handle()` call is one decode step of every in-flight request
+  (`cpu_llm.continuous`), so requests join and leave the running batch between steps.
 """
 
 from __future__ import annotations
 
+import http
 import logging
 import os
 import time
@@ -13,19 +19,25 @@ from typing import Any
 
 import psutil
 import torch
+from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from cpu_llm.config import check_context_length, parse_serving_config, resolve_threads
-from cpu_llm.generation import GenerationResult
+from cpu_llm.continuous import ContinuousSession
+from cpu_llm.engine import ContinuousEngine
+from cpu_llm.generation import Sequence
 from cpu_llm.model import encode_prompt, load_model, max_positions, resolve_model_source
 from cpu_llm.quantize import prepare_for_serving
 from cpu_llm.request import RequestError, parse_request
+from cpu_llm.responses import JSON_LINES, Reply, error_reply, finished_reply, text_line
+from cpu_llm.serving_metrics import ServingMetrics
+from cpu_llm.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 
 
 class LLMHandler(BaseHandler):
-    """Loads the model at `initialize()` and serves batched generation requests."""
+    """Loads the model at `initialize()` and serves generation requests."""
 
     def initialize(self, context) -> None:
         started = time.perf_counter()
@@ -38,66 +50,75 @@ class LLMHandler(BaseHandler):
         model, self.tokenizer_info = load_model(source)
         params = sum(p.numel() for p in model.parameters())
         self.served = prepare_for_serving(model, self.tokenizer_info.tokenizer, self.config.quantization,
-                                          source, context.system_properties["model_dir"])
+                                          source, context.system_properties["model_dir"],
+                                          self.config.continuous_batching)
         check_context_length(self.config, max_positions(self.served))
+        self.metrics = ServingMetrics(context.metrics)
+        self.session = None
+        if self.config.continuous_batching:
+            engine = ContinuousEngine(self.served.model, self.tokenizer_info, self.config.request_timeout_s)
+            self.session = ContinuousSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
+                                             on_step=lambda report, n: self.metrics.step(n, report.cancelled))
         logger.info(
-            "loaded %s: %.1fM parameters, %d threads, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s",
-            source, params / 1e6, threads, time.perf_counter() - started,
-            psutil.Process(os.getpid()).memory_info().rss / 2**20, torch.__version__,
-            torch.backends.cpu.get_cpu_capability(),
+            "loaded %s: %.1fM parameters, %d threads, %s batching, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s",
+            source, params / 1e6, threads, "continuous" if self.session else "dynamic",
+            time.perf_counter() - started, psutil.Process(os.getpid()).memory_info().rss / 2**20,
+            torch.__version__, torch.backends.cpu.get_cpu_capability(),
         )
         self.initialized = True
 
-    def handle(self, data: list[dict[str, Any]], context) -> list[dict[str, Any]]:
-        """Validate each request on its own; generate the valid ones together (one at a time
-        when the served model is not batch-invariant: IPEX SmoothQuant)."""
-        started = time.perf_counter()
-        responses: list[dict[str, Any]] = [{} for _ in data]
-        valid = []
+    def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
+        if self.session is not None:
+            replies = self.session.handle([(context.request_ids[idx], _body_of(row)) for idx, row in enumerate(data)])
+            context.stopping_criteria = [(lambda _, final=reply.final: final) for reply in replies]
+        else:
+            replies = self._generate_batch(data, context)
+        for idx, reply in enumerate(replies):
+            context.set_response_content_type(idx, reply.content_type)
+            if reply.status != 200:
+                context.set_response_status(reply.status, http.HTTPStatus(reply.status).phrase, idx)
+        return [reply.body for reply in replies]
+
+    def _generate_batch(self, data: list[dict[str, Any]], context) -> list[Reply]:
+        """Dynamic batching: validate each request on its own, generate the valid ones together
+        (one at a time when the model is not batch-invariant: IPEX SmoothQuant)."""
+        arrived = time.perf_counter()
+        replies: list[Reply | None] = [None] * len(data)
+        valid: dict[int, Sequence] = {}
         for idx, row in enumerate(data):
-            context.set_response_content_type(idx, "application/json")
             try:
-                request = parse_request(_body_of(row), self.config)
+                body = _body_of(row)
+                if body is None:
+                    raise RequestError("body", "is missing; send a JSON object with Content-Type: application/json")
+                request = parse_request(body, self.config)
                 ids = encode_prompt(self.tokenizer_info.tokenizer, request, self.config.max_prompt_tokens)
-                valid.append((idx, request, ids))
+                valid[idx] = Sequence.start(request, ids, arrived)
             except RequestError as error:
-                context.set_response_status(error.status, "Bad Request", idx)
-                responses[idx] = error.to_json()
+                replies[idx] = error_reply(error)
+        streams = {idx: TextStream() for idx, seq in valid.items() if seq.request.stream}
+
+        def send_new_text(_: list[Sequence]) -> None:
+            chunks = {idx: text_line(piece) for idx, stream in streams.items()
+                      if not valid[idx].done and (piece := stream.next_piece(valid[idx], self.tokenizer_info))}
+            if chunks:
+                for idx in chunks:
+                    context.set_response_content_type(idx, JSON_LINES)
+                send_intermediate_predict_response(chunks, {idx: context.request_ids[idx] for idx in chunks},
+                                                   "Intermediate Prediction success", 200, context)
+
         if valid:
-            results = self.served.generate(
-                self.tokenizer_info, [r for _, r, _ in valid], [ids for _, _, ids in valid]
-            )
-            total_ms = (time.perf_counter() - started) * 1000
-            batch_size = min(len(valid), self.served.max_batch or len(valid))
-            for (idx, _, _), result in zip(valid, results):
-                responses[idx] = _response_json(result, batch_size, total_ms)
-        return responses
+            self.metrics.step(len(valid))
+            self.served.generate(self.tokenizer_info, list(valid.values()), on_step=send_new_text if streams else None)
+        for idx, seq in valid.items():
+            self.metrics.finished(seq)
+            replies[idx] = finished_reply(seq, streams.get(idx), self.tokenizer_info)
+        return replies
 
 
 def _body_of(row: dict[str, Any]) -> Any:
-    """TorchServe puts a raw request body under "body" (or "data" for form uploads)."""
+    """The request body: TorchServe puts it under "body" (or "data" for form uploads). None when
+    there is none, which under continuous batching means a request that is already running."""
     for key in ("body", "data"):
         if key in row:
             return row[key]
-    raise RequestError("body", "is missing; send a JSON object with Content-Type: application/json")
-
-
-def _response_json(result: GenerationResult, batch_size: int, total_ms: float) -> dict[str, Any]:
-    decode_s = result.decode_ms / 1000
-    return {
-        "text": result.text,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "batch_size": batch_size,
-        "timings": {
-            "prefill_ms": round(result.prefill_ms, 1),
-            "decode_ms": round(result.decode_ms, 1),
-            "total_ms": round(total_ms, 1),
-            # The first token comes out of prefill; the rest are decode steps.
-            "decode_tokens_per_s": (
-                round((result.completion_tokens - 1) / decode_s, 2)
-                if result.completion_tokens > 1 and decode_s > 0 else None
-            ),
-        },
-    }
+    return None

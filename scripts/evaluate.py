@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 from cpu_llm.config import parse_serving_config, resolve_threads  # noqa: E402
-from cpu_llm.generation import decode_one_token, left_pad, prefill  # noqa: E402
+from cpu_llm.generation import Sequence, decode_one_token, left_pad, prefill  # noqa: E402
 from cpu_llm.model import encode_prompt, load_model  # noqa: E402
 from cpu_llm.quantize import ServedModel, prepare_for_serving  # noqa: E402
 from cpu_llm.request import parse_request  # noqa: E402
@@ -67,7 +67,7 @@ def greedy_tokens(served: ServedModel, info, config, max_new_tokens: int) -> lis
     requests = [parse_request({"messages": [{"role": "user", "content": p}], "max_new_tokens": max_new_tokens},
                               config) for p in PROMPTS]
     prompts = [encode_prompt(info.tokenizer, r, config.max_prompt_tokens) for r in requests]
-    return [r.token_ids for r in served.generate(info, requests, prompts)]
+    return [r.token_ids for r in served.generate(info, [Sequence.start(r, p) for r, p in zip(requests, prompts)])]
 
 
 def agreement(tokens: list[tuple[int, ...]], reference: list[tuple[int, ...]], n: int) -> float:

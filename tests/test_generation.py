@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cpu_llm.config import ServingConfig
-from cpu_llm.generation import generate_batch
+from cpu_llm.generation import Sequence, generate_batch
 from cpu_llm.model import encode_prompt
 from cpu_llm.request import RequestError, parse_request
 
@@ -27,7 +27,7 @@ def _prepare(loaded, bodies):
 def _run(loaded, bodies):
     model, info = loaded
     requests, prompts = _prepare(loaded, bodies)
-    return generate_batch(model, info, requests, prompts)
+    return generate_batch(model, info, [Sequence.start(r, p) for r, p in zip(requests, prompts)])
 
 
 def hf_greedy_tokens(loaded, messages, max_new_tokens):

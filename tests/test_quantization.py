@@ -14,7 +14,7 @@ import yaml
 
 from cpu_llm import quantize
 from cpu_llm.config import ConfigError, parse_serving_config
-from cpu_llm.generation import left_pad, prefill
+from cpu_llm.generation import Sequence, left_pad, prefill
 from cpu_llm.model import encode_prompt, load_model
 from cpu_llm.quant_config import parse_quantization_config
 from cpu_llm.request import parse_request
@@ -43,7 +43,7 @@ def _serve(model_dir, name: str, backend: str = "auto", **changes):
 def _generate(served, info, config, bodies):
     requests = [parse_request(b, config) for b in bodies]
     prompts = [encode_prompt(info.tokenizer, r, config.max_prompt_tokens) for r in requests]
-    return [r.text for r in served.generate(info, requests, prompts)]
+    return [r.text for r in served.generate(info, [Sequence.start(r, p) for r, p in zip(requests, prompts)])]
 
 
 def _assert_rows_independent(served, info, config):

@@ -59,8 +59,13 @@ class ServingConfig:
     max_new_tokens: int = 512  # server-side cap on a request's max_new_tokens
     default_max_new_tokens: int = 64  # used when a request does not say
     max_stop_sequences: int = 8
+    # A request still generating after this many seconds ends with finish_reason "timeout" (with
+    # continuous batching TorchServe's responseTimeout bounds one step, not a whole request).
+    request_timeout_s: int = 600
     # The top-level `quantization:` section (see quant_config.py).
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    # TorchServe's top-level `continuousBatching` key: requests join and leave a running batch.
+    continuous_batching: bool = False
 
 
 def _did_you_mean(key: str, known: set[str] | Mapping[str, Any]) -> str:
@@ -98,7 +103,7 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
     if not isinstance(section, Mapping):
         raise ConfigError(HANDLER_SECTION, "must be a mapping")
     defaults = ServingConfig()
-    known = set(defaults.__dataclass_fields__) - {"quantization"}
+    known = set(defaults.__dataclass_fields__) - {"quantization", "continuous_batching"}
     for key in section:
         if key not in known:
             raise ConfigError(
@@ -113,7 +118,8 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
     if num_threads == "auto":
         num_threads = 0
     _positive_int(f"{HANDLER_SECTION}.num_threads", num_threads, minimum=0)
-    for key in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences"):
+    for key in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences",
+                "request_timeout_s"):
         _positive_int(f"{HANDLER_SECTION}.{key}", values[key])
     if values["default_max_new_tokens"] > values["max_new_tokens"]:
         raise ConfigError(
@@ -121,7 +127,11 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
             f"must not exceed handler.max_new_tokens ({values['max_new_tokens']})",
         )
     quantization = parse_quantization_config(raw.get(QUANTIZATION_SECTION))
-    return ServingConfig(**{**values, "num_threads": num_threads, "quantization": quantization})
+    continuous = raw.get("continuousBatching", False)
+    if not isinstance(continuous, bool):
+        raise ConfigError("continuousBatching", f"must be true or false (got {continuous!r})")
+    return ServingConfig(**{**values, "num_threads": num_threads, "quantization": quantization,
+                            "continuous_batching": continuous})
 
 
 def check_context_length(config: ServingConfig, model_max_positions: int | None) -> None:

@@ -1,10 +1,14 @@
-"""Batched generation with left padding and a per-request decode loop.
+"""Token-by-token generation, shared by both batching modes.
 
-The loop is written out (prefill, then one token per step) instead of calling
-`model.generate()` because every request in a TorchServe batch carries its own
-max_new_tokens, sampling parameters, seed and stop strings. Left padding plus explicit
-position ids and attention mask keep each row's result independent of its neighbours:
-greedy output in a batch equals greedy output alone.
+`prefill` and `decode_one_token` run the model; a `Sequence` is one request's decode state;
+`pick_tokens` and `record_token` choose and account each row's next token with that request's
+own parameters. `generate_batch` is the dynamic-batching loop (a batch starts and ends
+together); `engine.py` runs the same pieces with rows joining and leaving between steps.
+
+The loop is written out instead of calling `model.generate()` because every request carries
+its own max_new_tokens, sampling parameters, seed and stop strings. Left padding plus explicit
+position ids and attention mask keep each row's result independent of its neighbours: greedy
+output in a batch equals greedy output alone.
 """
 
 from __future__ import annotations
@@ -19,34 +23,64 @@ from .request import GenerationRequest
 from .sampling import make_generator, pick_next_token
 
 
-@dataclass
-class Sequence:
-    """Decode state of one request inside a batch."""
-
-    request: GenerationRequest
-    prompt_ids: list[int]
-    generator: torch.Generator | None = None
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    finished_at: float = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-
 @dataclass(frozen=True)
 class GenerationResult:
     """What a client gets back for one request."""
 
     text: str
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "timeout"
     token_ids: tuple[int, ...]  # generated ids, without the EOS token
     prompt_tokens: int
     completion_tokens: int
-    prefill_ms: float
-    decode_ms: float
+    prefill_ms: float  # the prefill this request was part of
+    decode_ms: float  # first token -> last token
+    time_to_first_token_ms: float  # arrival at the worker -> first token
+    queue_ms: float  # arrival at the worker -> start of its prefill
+    total_ms: float  # arrival at the worker -> last token
+    batch_size: int  # most requests generated together with this one at any step
+
+
+@dataclass
+class Sequence:
+    """Decode state of one request."""
+
+    request: GenerationRequest
+    prompt_ids: list[int]
+    arrived_at: float  # time.perf_counter() when the worker received the request
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""  # the final text, set when the sequence finishes
+    finish_reason: str | None = None
+    prefill_ms: float = 0.0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+    batch_size: int = 1
+
+    @classmethod
+    def start(cls, request: GenerationRequest, prompt_ids: list[int], arrived_at: float | None = None) -> "Sequence":
+        generator = make_generator(request.sampling.seed) if request.sampling.do_sample else None
+        return cls(request, prompt_ids, time.perf_counter() if arrived_at is None else arrived_at, generator)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> GenerationResult:
+        end = self.finished_at or time.perf_counter()
+        first = self.first_token_at or end
+        return GenerationResult(
+            text=self.text,
+            finish_reason=self.finish_reason or "length",
+            token_ids=tuple(self.generated),
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.generated) + (self.finish_reason == "eos"),
+            prefill_ms=self.prefill_ms,
+            decode_ms=(end - first) * 1000,
+            time_to_first_token_ms=(first - self.arrived_at) * 1000,
+            queue_ms=max(0.0, (first - self.arrived_at) * 1000 - self.prefill_ms),
+            total_ms=(end - self.arrived_at) * 1000,
+            batch_size=self.batch_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -91,25 +125,7 @@ def decode_one_token(model, tokens: torch.Tensor, mask: torch.Tensor, cache):
     return out[0][:, -1, :].float(), out[1]
 
 
-def _update_finish(seq: Sequence, token: int, info: TokenizerInfo) -> None:
-    """Record `token` for `seq` and decide whether the sequence has finished."""
-    if token in info.eos_ids:
-        seq.finish_reason = "eos"
-        return
-    seq.generated.append(token)
-    stop = seq.request.stop
-    if stop:
-        text = info.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-        if hits:
-            seq.text = text[: min(hits)]
-            seq.finish_reason = "stop"
-            return
-    if len(seq.generated) >= seq.request.max_new_tokens:
-        seq.finish_reason = "length"
-
-
-def _pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """One next token per row; -1 for rows that have already finished."""
     tokens = []
     for row, seq in enumerate(seqs):
@@ -121,48 +137,57 @@ def _pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens
 
 
+def finish(seq: Sequence, reason: str, info: TokenizerInfo, text: str | None = None) -> None:
+    """End `seq` now; its text is everything generated unless a stop string cut it."""
+    seq.finish_reason = reason
+    seq.finished_at = time.perf_counter()
+    seq.text = text if text is not None else info.tokenizer.decode(seq.generated, skip_special_tokens=True)
+
+
+def record_token(seq: Sequence, token: int, info: TokenizerInfo) -> None:
+    """Account `token` for `seq` and decide whether the sequence has finished."""
+    if not seq.first_token_at:
+        seq.first_token_at = time.perf_counter()
+    if token in info.eos_ids:
+        finish(seq, "eos", info)
+        return
+    seq.generated.append(token)
+    if seq.request.stop:
+        text = info.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in seq.request.stop) if i >= 0]
+        if hits:
+            finish(seq, "stop", info, text[: min(hits)])
+            return
+    if len(seq.generated) >= seq.request.max_new_tokens:
+        finish(seq, "length", info)
+
+
 @torch.inference_mode()
 def generate_batch(
-    model, info: TokenizerInfo, requests: list[GenerationRequest], prompts: list[list[int]],
+    model, info: TokenizerInfo, seqs: list[Sequence],
     new_cache: Callable[[int], Any] = lambda n: None,
+    on_step: Callable[[list[Sequence]], None] | None = None,
 ) -> list[GenerationResult]:
-    """Generate for a batch of already-tokenized, validated requests."""
-    seqs = [
-        Sequence(req, ids, make_generator(req.sampling.seed) if req.sampling.do_sample else None)
-        for req, ids in zip(requests, prompts)
-    ]
-    start = time.perf_counter()
-    input_ids, mask = left_pad(prompts, info.pad_id)
-    logits, cache = prefill(model, input_ids, mask, new_cache(len(prompts)))
-    prefill_done = time.perf_counter()
+    """Dynamic batching: generate `seqs` together until the last one finishes.
+
+    `on_step(seqs)` runs after every token (streaming sends the new text from there)."""
+    started = time.perf_counter()
+    input_ids, mask = left_pad([s.prompt_ids for s in seqs], info.pad_id)
+    logits, cache = prefill(model, input_ids, mask, new_cache(len(seqs)))
+    prefill_ms = (time.perf_counter() - started) * 1000
+    for seq in seqs:
+        seq.prefill_ms, seq.batch_size = prefill_ms, len(seqs)
     while True:
-        tokens = _pick(logits, seqs)
-        now = time.perf_counter()
+        tokens = pick_tokens(logits, seqs)
         for seq, token in zip(seqs, tokens):
             if not seq.done:
-                _update_finish(seq, token, info)
-                if seq.done:
-                    seq.finished_at = now
+                record_token(seq, token, info)
+        if on_step is not None:
+            on_step(seqs)
         if all(seq.done for seq in seqs):
             break
         # Finished rows keep feeding a pad token; their logits are ignored.
         step = torch.tensor([info.pad_id if t < 0 else t for t in tokens], dtype=torch.long)
         mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=torch.long)], dim=1)
         logits, cache = decode_one_token(model, step, mask, cache)
-
-    results = []
-    for seq in seqs:
-        if seq.finish_reason != "stop":
-            seq.text = info.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        results.append(
-            GenerationResult(
-                text=seq.text,
-                finish_reason=seq.finish_reason or "length",
-                token_ids=tuple(seq.generated),
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.generated) + (seq.finish_reason == "eos"),
-                prefill_ms=(prefill_done - start) * 1000,
-                decode_ms=(seq.finished_at - prefill_done) * 1000,
-            )
-        )
-    return results
+    return [seq.result() for seq in seqs]

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 
 from .calibration import calibration_batches, read_texts
 from .errors import ConfigError, QuantizationError
-from .generation import GenerationResult, TokenizerInfo, generate_batch
+from .generation import GenerationResult, Sequence, TokenizerInfo, generate_batch
 from .quant_config import SECTION, QuantizationConfig
 from .quantized_linear import as_linear, kernel_status
-from .request import GenerationRequest
 
 logger = logging.getLogger(__name__)
 CACHE_DIR_ENV = "LLM_CPU_CACHE_DIR"  # where SmoothQuant calibrations are cached
@@ -50,13 +49,12 @@ class ServedModel:
         """Most requests generated together (None = no limit)."""
         return None if self.batch_invariant else 1
 
-    def generate(self, info: TokenizerInfo, requests: list[GenerationRequest],
-                 prompts: list[list[int]]) -> list[GenerationResult]:
-        """Generate for all requests, in as few batches as batch invariance allows."""
-        step = self.max_batch or len(requests)
-        return [result for start in range(0, len(requests), step)
-                for result in generate_batch(self.model, info, requests[start:start + step],
-                                             prompts[start:start + step], self.new_cache)]
+    def generate(self, info: TokenizerInfo, seqs: list[Sequence],
+                 on_step: Callable[[list[Sequence]], None] | None = None) -> list[GenerationResult]:
+        """Generate for all sequences, in as few batches as batch invariance allows."""
+        step = self.max_batch or len(seqs)
+        return [result for start in range(0, len(seqs), step)
+                for result in generate_batch(self.model, info, seqs[start:start + step], self.new_cache, on_step)]
 
 
 class FullPrecisionLinear(torch.nn.Module):
@@ -86,12 +84,19 @@ def bf16_capable(flags: set[str]) -> bool:
     return bool(flags & {"avx512bw", "avx_ne_convert", "amx_bf16"})
 
 
-def resolve_backend(q: QuantizationConfig) -> str:
+def resolve_backend(q: QuantizationConfig, continuous_batching: bool = False) -> str:
+    """`auto` = IPEX when it imports, unless continuous batching rules it out (see below)."""
     ipex_present = importlib.util.find_spec("intel_extension_for_pytorch") is not None
-    backend = q.backend if q.backend != "auto" else ("ipex" if ipex_present else "native")
+    backend = q.backend if q.backend != "auto" else ("ipex" if ipex_present and not continuous_batching else "native")
     if backend == "ipex" and not ipex_present:
         raise ConfigError(f"{SECTION}.backend", "ipex: intel-extension-for-pytorch is not installed "
                           "(use the ipex stack: make install STACK=ipex)")
+    if backend == "ipex" and continuous_batching:
+        # IPEX's indirect-access KV cache has one write position for the whole batch (and its
+        # SmoothQuant kernels couple the rows), so a request cannot join a batch mid-flight.
+        raise ConfigError(f"{SECTION}.backend", "ipex cannot serve continuousBatching: true: IPEX's KV cache "
+                          "keeps one position for the whole batch, so requests cannot join or leave a running "
+                          "batch; use backend: native (or auto), or turn continuousBatching off")
     if backend == "native":
         from .native_backend import check_supported
 
@@ -155,13 +160,13 @@ def smoothquant_summary_path(q: QuantizationConfig, backend: str, model_source: 
 
 
 def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig,
-                        model_source: str, model_dir: str) -> ServedModel:
+                        model_source: str, model_dir: str, continuous_batching: bool = False) -> ServedModel:
     flags = cpu_flags()
     isa = torch.backends.cpu.get_cpu_capability()
     if q.dtype == "bf16" and not bf16_capable(flags):
         raise ConfigError(f"{SECTION}.dtype", f"bf16 needs a CPU with AVX-512 BW or AMX; this one reports "
                           f"{isa} without avx512bw; use dtype: fp32")
-    backend = resolve_backend(q)
+    backend = resolve_backend(q, continuous_batching)
     process = psutil.Process(os.getpid())
     rss_before, started = process.memory_info().rss, time.perf_counter()
     torch_dtype = torch.bfloat16 if q.dtype == "bf16" else torch.float32

@@ -52,6 +52,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    stream: bool = False  # send the text as it is generated, one JSON line per chunk
 
 
 def decode_body(body: Any) -> Mapping[str, Any]:
@@ -96,6 +97,13 @@ def _integer(body: Mapping[str, Any], name: str, default: int | None, low: int, 
     return value
 
 
+def _boolean(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(name, f"must be true or false, got {json.dumps(value)}")
+    return value
+
+
 def _messages(value: Any) -> tuple[Mapping[str, str], ...]:
     if not isinstance(value, list) or not value:
         raise RequestError("messages", "must be a non-empty list of {role, content} objects")
@@ -125,7 +133,7 @@ def _stop(value: Any, limit: int) -> tuple[str, ...]:
 
 KNOWN_FIELDS = {
     "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k",
-    "do_sample", "seed", "stop", "repetition_penalty",
+    "do_sample", "seed", "stop", "repetition_penalty", "stream",
 }
 
 
@@ -147,9 +155,7 @@ def parse_request(body: Any, config: ServingConfig) -> GenerationRequest:
     else:
         messages = _messages(body["messages"])
 
-    do_sample = body.get("do_sample", False)
-    if not isinstance(do_sample, bool):
-        raise RequestError("do_sample", f"must be true or false, got {json.dumps(do_sample)}")
+    do_sample = _boolean(body, "do_sample")
     temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
     if do_sample and temperature == 0.0:
         raise RequestError("temperature", "must be > 0 when do_sample is true (use do_sample: false for greedy)")
@@ -167,4 +173,5 @@ def parse_request(body: Any, config: ServingConfig) -> GenerationRequest:
         max_new_tokens=_integer(body, "max_new_tokens", config.default_max_new_tokens, 1, config.max_new_tokens),
         sampling=sampling,
         stop=_stop(body.get("stop"), config.max_stop_sequences),
+        stream=_boolean(body, "stream"),
     )

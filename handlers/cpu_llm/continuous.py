@@ -1,0 +1,89 @@
+"""TorchServe's `continuousBatching` protocol around `ContinuousEngine`.
+
+With `continuousBatching: true` the frontend calls `handle()` again and again with every
+in-flight request: a new one carries its body, a running one comes back with an empty body,
+and one whose client disconnected is simply no longer sent. Each call must return one reply per
+request; a reply marked `final` ends that request's HTTP response, any other is sent as one
+chunk of it (an empty chunk sends nothing). This module maps that protocol onto the engine and
+knows nothing of TorchServe's objects, so it is tested directly.
+
+One TorchServe 0.12 quirk shapes it: if a request's *first* reply is final, the frontend writes
+the body without the HTTP status line and headers, and the client gets a broken response. So a
+request that is answered in its first call (a validation error, a one-token completion) gets an
+empty non-final reply carrying its status, and the body follows on the next call.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from .config import ServingConfig
+from .engine import ContinuousEngine, StepReport
+from .generation import Sequence, TokenizerInfo
+from .model import encode_prompt
+from .request import RequestError, parse_request
+from .responses import JSON, JSON_LINES, Reply, error_reply, finished_reply, text_line
+from .text_stream import TextStream
+
+LOST = RequestError("body", "the worker no longer has this request's state (it restarted?); please retry", 500)
+
+
+class ContinuousSession:
+    """Per-worker state across `handle()` calls: the engine, and what each client was sent."""
+
+    def __init__(self, engine: ContinuousEngine, config: ServingConfig, info: TokenizerInfo,
+                 on_finished: Callable[[Sequence], None] = lambda seq: None,
+                 on_step: Callable[[StepReport, int], None] = lambda report, in_flight: None) -> None:
+        self.engine, self.config, self.info = engine, config, info
+        self.on_finished, self.on_step = on_finished, on_step
+        self.streams: dict[str, TextStream] = {}  # streaming requests: text sent so far
+        self.pending: dict[str, Reply] = {}  # final replies held back one call (see module docstring)
+
+    def handle(self, batch: list[tuple[str, Any]]) -> list[Reply]:
+        """`batch`: (request id, body) per in-flight request, body None for a running one."""
+        arrived = time.perf_counter()
+        present = {rid for rid, _ in batch}
+        self.pending = {rid: reply for rid, reply in self.pending.items() if rid in present}
+        self.streams = {rid: stream for rid, stream in self.streams.items() if rid in present}
+        replies: dict[str, Reply] = {}
+        new: dict[str, Sequence] = {}
+        wanted: set[str] = set()
+        for rid, body in batch:
+            if rid in self.pending:
+                replies[rid] = self.pending.pop(rid)
+            elif body is None:
+                if rid in self.engine.seqs:
+                    wanted.add(rid)
+                else:  # e.g. the worker restarted while the request was running
+                    replies[rid] = error_reply(LOST)
+            else:
+                try:
+                    request = parse_request(body, self.config)
+                    ids = encode_prompt(self.info.tokenizer, request, self.config.max_prompt_tokens)
+                except RequestError as error:
+                    replies[rid] = Reply(b"", final=False, status=error.status)
+                    self.pending[rid] = error_reply(error)
+                    continue
+                new[rid] = Sequence.start(request, ids, arrived)
+                if request.stream:
+                    self.streams[rid] = TextStream()
+        if new or wanted or self.engine.in_flight:
+            touched, report = self.engine.step(new, wanted)
+            self.on_step(report, self.engine.in_flight)
+            for rid, seq in touched.items():
+                replies[rid] = self._reply(rid, seq, first=rid in new)
+        return [replies[rid] for rid, _ in batch]
+
+    def _reply(self, rid: str, seq: Sequence, first: bool) -> Reply:
+        stream = self.streams.get(rid)
+        content_type = JSON_LINES if stream else JSON
+        if not seq.done:
+            body = text_line(piece) if stream and (piece := stream.next_piece(seq, self.info)) else b""
+            return Reply(body, final=False, content_type=content_type)
+        self.on_finished(seq)
+        final = finished_reply(seq, self.streams.pop(rid, None), self.info)
+        if first:
+            self.pending[rid] = final
+            return Reply(b"", final=False, content_type=content_type)
+        return final

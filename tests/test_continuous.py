@@ -1,0 +1,167 @@
+"""Continuous batching in-process on the real SmolLM2, driven the way TorchServe drives it.
+
+`Frontend` plays TorchServe's continuousBatching frontend: every call carries all in-flight
+requests (new ones with a body, running ones with None), replies are appended to each client's
+response, a final reply ends it, and a disconnected client is no longer sent.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cpu_llm.config import ServingConfig
+from cpu_llm.continuous import ContinuousSession
+from cpu_llm.engine import ContinuousEngine
+from cpu_llm.generation import Sequence, generate_batch
+from cpu_llm.model import encode_prompt
+from cpu_llm.request import parse_request
+
+pytestmark = pytest.mark.model
+CONFIG = ServingConfig(max_new_tokens=64)
+
+
+class Frontend:
+    def __init__(self, session: ContinuousSession) -> None:
+        self.session = session
+        self.running: list[str] = []
+        self.queued: list[tuple[str, object]] = []
+        self.bodies: dict[str, bytes] = {}
+        self.status: dict[str, int] = {}
+        self.done: dict[str, int] = {}  # request id -> call on which its response ended
+        self.calls = 0
+
+    def submit(self, rid: str, body: dict | bytes) -> None:
+        self.queued.append((rid, body if isinstance(body, bytes) else json.dumps(body).encode()))
+
+    def disconnect(self, rid: str) -> None:
+        self.running.remove(rid)
+
+    def call(self) -> None:
+        batch = [(rid, None) for rid in self.running] + self.queued
+        self.running += [rid for rid, _ in self.queued]
+        self.queued = []
+        replies = self.session.handle(batch)
+        self.calls += 1
+        for (rid, _), reply in zip(batch, replies):
+            self.status.setdefault(rid, reply.status)  # the status line goes out with the first reply
+            self.bodies[rid] = self.bodies.get(rid, b"") + reply.body
+            if reply.final:
+                self.running.remove(rid)
+                self.done[rid] = self.calls
+
+    def run_until_idle(self, limit: int = 500) -> None:
+        while self.running or self.queued:
+            assert self.calls < limit, "requests never finished"
+            self.call()
+
+    def json(self, rid: str) -> dict:
+        return json.loads(self.bodies[rid])
+
+    def lines(self, rid: str) -> list[dict]:
+        return [json.loads(line) for line in self.bodies[rid].decode().splitlines()]
+
+
+@pytest.fixture
+def frontend(loaded):
+    model, info = loaded
+    return Frontend(ContinuousSession(ContinuousEngine(model, info, request_timeout_s=600), CONFIG, info))
+
+
+def alone(loaded, body: dict):
+    model, info = loaded
+    request = parse_request(body, CONFIG)
+    return generate_batch(model, info, [Sequence.start(request, encode_prompt(info.tokenizer, request, 1024))])[0]
+
+
+BODIES = {
+    "a": {"prompt": "The history of the Roman empire", "max_new_tokens": 40},
+    "b": {"messages": [{"role": "user", "content": "Write a haiku about CPUs."}], "max_new_tokens": 24},
+    "c": {"prompt": "def fibonacci(n):", "max_new_tokens": 20, "repetition_penalty": 1.3},
+    "d": {"prompt": "Once upon a time", "max_new_tokens": 16, "do_sample": True, "seed": 7, "top_k": 40},
+    "e": {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_new_tokens": 30, "stop": [" is"]},
+}
+
+
+def test_requests_joining_mid_flight_get_the_same_tokens_as_alone(loaded, frontend):
+    frontend.submit("a", BODIES["a"])
+    frontend.call()
+    frontend.call()
+    frontend.call()
+    frontend.submit("b", BODIES["b"])
+    frontend.submit("c", BODIES["c"])
+    frontend.call()
+    frontend.submit("d", BODIES["d"])
+    for _ in range(5):
+        frontend.call()
+    frontend.submit("e", BODIES["e"])
+    frontend.run_until_idle()
+    peak = 0
+    for rid, body in BODIES.items():
+        solo = alone(loaded, body)
+        got = frontend.json(rid)
+        assert frontend.status[rid] == 200
+        assert (got["text"], got["finish_reason"], got["completion_tokens"]) == \
+            (solo.text, solo.finish_reason, solo.completion_tokens), rid
+        peak = max(peak, got["batch_size"])
+    assert peak >= 3  # they really were decoded together
+    assert frontend.session.engine.in_flight == 0 and frontend.session.engine.batch is None
+
+
+def test_a_finished_request_leaves_at_once(frontend):
+    frontend.submit("short", {"prompt": "Hello", "max_new_tokens": 3})
+    frontend.submit("long", {"prompt": "Hello", "max_new_tokens": 30})
+    frontend.run_until_idle()
+    # 3 tokens: prefill + 2 decode steps, then one call for the held-back final reply
+    assert frontend.done["short"] <= 4 < frontend.done["long"]
+    assert frontend.json("short")["completion_tokens"] == 3
+
+
+def test_streamed_pieces_add_up_to_the_final_text(loaded, frontend):
+    for rid in ("b", "e"):
+        frontend.submit(rid, {**BODIES[rid], "stream": True})
+    frontend.run_until_idle()
+    for rid in ("b", "e"):
+        lines = frontend.lines(rid)
+        assert len(lines) > 3  # really incremental
+        assert all(set(line) == {"text"} for line in lines[:-1])
+        last = lines[-1]
+        solo = alone(loaded, BODIES[rid])
+        assert "".join(line["text"] for line in lines) == solo.text
+        assert last["finish_reason"] == solo.finish_reason and last["completion_tokens"] == solo.completion_tokens
+        assert last["timings"]["time_to_first_token_ms"] > 0
+    assert " is" not in "".join(line["text"] for line in frontend.lines("e"))  # the stop string never leaked
+
+
+def test_disconnected_client_frees_its_row_and_others_are_unaffected(loaded, frontend):
+    frontend.submit("gone", {"prompt": "The history of the Roman empire", "max_new_tokens": 60})
+    frontend.submit("stays", BODIES["c"])
+    frontend.call()
+    frontend.call()
+    assert frontend.session.engine.in_flight == 2
+    frontend.disconnect("gone")
+    frontend.call()
+    assert frontend.session.engine.in_flight == 1 and "gone" not in frontend.session.engine.seqs
+    frontend.run_until_idle()
+    assert frontend.json("stays")["text"] == alone(loaded, BODIES["c"]).text
+
+
+def test_bad_request_gets_its_status_first_and_its_body_next(frontend):
+    frontend.submit("bad", {"prompt": "hi", "max_new_tokens": 0})
+    frontend.submit("junk", b"{not json")
+    frontend.submit("good", {"prompt": "Hello", "max_new_tokens": 5})
+    frontend.run_until_idle()
+    assert frontend.status["bad"] == frontend.status["junk"] == 400
+    assert frontend.json("bad")["error"]["field"] == "max_new_tokens"
+    assert frontend.json("junk")["error"]["field"] == "body"
+    assert frontend.status["good"] == 200 and frontend.json("good")["completion_tokens"] == 5
+
+
+def test_request_over_its_time_limit_ends_with_timeout(loaded):
+    model, info = loaded
+    frontend = Frontend(ContinuousSession(ContinuousEngine(model, info, request_timeout_s=0), CONFIG, info))
+    frontend.submit("slow", {"prompt": "Hello", "max_new_tokens": 50})
+    frontend.run_until_idle()
+    body = frontend.json("slow")
+    assert body["finish_reason"] == "timeout" and body["completion_tokens"] < 50
