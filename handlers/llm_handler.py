@@ -70,7 +70,9 @@ class LLMHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
         if self.session is not None:
             replies = self.session.handle([(context.request_ids[idx], _body_of(row)) for idx, row in enumerate(data)])
-            context.stopping_criteria = [(lambda _, final=reply.final: final) for reply in replies]
+            # True ends the HTTP response, False sends a chunk, None a complete response (see continuous.py).
+            context.stopping_criteria = [(lambda _, stop=None if reply.whole else reply.final: stop)
+                                         for reply in replies]
         else:
             replies = self._generate_batch(data, context)
         for idx, reply in enumerate(replies):

@@ -30,6 +30,7 @@ class Frontend:
         self.bodies: dict[str, bytes] = {}
         self.status: dict[str, int] = {}
         self.done: dict[str, int] = {}  # request id -> call on which its response ended
+        self.sent_whole: set[str] = set()
         self.calls = 0
 
     def submit(self, rid: str, body: dict | bytes) -> None:
@@ -46,7 +47,10 @@ class Frontend:
         self.calls += 1
         for (rid, _), reply in zip(batch, replies):
             self.status.setdefault(rid, reply.status)  # the status line goes out with the first reply
-            self.bodies[rid] = self.bodies.get(rid, b"") + reply.body
+            if rid not in self.sent_whole:
+                self.bodies[rid] = self.bodies.get(rid, b"") + reply.body
+            if reply.whole:  # a complete HTTP response: nothing more reaches the client
+                self.sent_whole.add(rid)
             if reply.final:
                 self.running.remove(rid)
                 self.done[rid] = self.calls

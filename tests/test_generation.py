@@ -115,3 +115,14 @@ def test_prompt_longer_than_limit_is_rejected(loaded):
     with pytest.raises(RequestError) as error:
         encode_prompt(info.tokenizer, request, max_prompt_tokens=10)
     assert error.value.field == "prompt" and "at most 10" in error.value.message
+
+
+def test_ignore_eos_and_min_new_tokens_control_the_output_length(loaded):
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_new_tokens": 40}
+    natural = _run(loaded, [body])[0]
+    assert natural.finish_reason == "eos" and natural.completion_tokens < 30
+    forced = _run(loaded, [{**body, "ignore_eos": True}])[0]
+    assert forced.finish_reason == "length" and forced.completion_tokens == 40
+    assert forced.text.startswith(natural.text)
+    longer = _run(loaded, [{**body, "min_new_tokens": natural.completion_tokens + 5}])[0]
+    assert longer.completion_tokens >= natural.completion_tokens + 5

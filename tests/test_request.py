@@ -72,3 +72,22 @@ def test_bad_requests_name_the_field(body, field):
 def test_nan_is_rejected():
     with pytest.raises(RequestError, match="temperature"):
         parse_request(b'{"prompt": "a", "temperature": NaN}', CONFIG)
+
+
+def test_length_controls_and_stream_are_validated():
+    from cpu_llm.config import ServingConfig
+    from cpu_llm.request import RequestError, parse_request
+
+    config = ServingConfig()
+    ok = parse_request({"prompt": "x", "max_new_tokens": 10, "min_new_tokens": 10, "ignore_eos": True,
+                        "stream": True}, config)
+    assert (ok.min_new_tokens, ok.ignore_eos, ok.stream) == (10, True, True)
+    for body, field in [({"prompt": "x", "max_new_tokens": 5, "min_new_tokens": 6}, "min_new_tokens"),
+                        ({"prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
+                        ({"prompt": "x", "stream": 1}, "stream")]:
+        try:
+            parse_request(body, config)
+        except RequestError as error:
+            assert error.field == field
+        else:
+            raise AssertionError(f"{body} was accepted")

@@ -7,15 +7,19 @@ request; a reply marked `final` ends that request's HTTP response, any other is 
 chunk of it (an empty chunk sends nothing). This module maps that protocol onto the engine and
 knows nothing of TorchServe's objects, so it is tested directly.
 
-One TorchServe 0.12 quirk shapes it: if a request's *first* reply is final, the frontend writes
-the body without the HTTP status line and headers, and the client gets a broken response. So a
-request that is answered in its first call (a validation error, a one-token completion) gets an
-empty non-final reply carrying its status, and the body follows on the next call.
+Two TorchServe 0.12 quirks shape it. If a request's *first* reply is final, the frontend writes
+the body without the HTTP status line and headers, so a completion that ends in its first call
+(one token, or EOS at once) gets an empty non-final reply and its body on the next call. And a
+first chunk with an error status makes the frontend close the connection right after the
+headers, losing the body; so a rejected request is sent as one complete HTTP response (a `whole`
+reply, which the frontend sends unchunked but still counts as in flight) and its next call is
+answered with an empty final reply that ends it.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 from .config import ServingConfig
@@ -62,8 +66,8 @@ class ContinuousSession:
                     request = parse_request(body, self.config)
                     ids = encode_prompt(self.info.tokenizer, request, self.config.max_prompt_tokens)
                 except RequestError as error:
-                    replies[rid] = Reply(b"", final=False, status=error.status)
-                    self.pending[rid] = error_reply(error)
+                    replies[rid] = replace(error_reply(error), final=False, whole=True)
+                    self.pending[rid] = Reply(b"", status=error.status)
                     continue
                 new[rid] = Sequence.start(request, ids, arrived)
                 if request.stream:

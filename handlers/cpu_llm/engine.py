@@ -78,7 +78,7 @@ class ContinuousEngine:
         mask = grow(self.batch)
         logits, cache = decode_one_token(self.model, last, mask, self.batch.cache)
         self.batch = RunningBatch(cache, mask)
-        for seq, token in zip(seqs, pick_tokens(logits, seqs)):
+        for seq, token in zip(seqs, pick_tokens(logits, seqs, self.info.eos_ids)):
             record_token(seq, token, self.info)
         return (time.perf_counter() - started) * 1000
 
@@ -88,7 +88,7 @@ class ContinuousEngine:
         input_ids, mask = left_pad([seq.prompt_ids for seq in seqs], self.info.pad_id)
         logits, cache = prefill(self.model, input_ids, mask)
         prefill_ms = (time.perf_counter() - started) * 1000
-        for seq, token in zip(seqs, pick_tokens(logits, seqs)):
+        for seq, token in zip(seqs, pick_tokens(logits, seqs, self.info.eos_ids)):
             seq.prefill_ms = prefill_ms
             record_token(seq, token, self.info)
         self.batch = join(self.batch, RunningBatch(cache, mask))

@@ -125,15 +125,18 @@ def decode_one_token(model, tokens: torch.Tensor, mask: torch.Tensor, cache):
     return out[0][:, -1, :].float(), out[1]
 
 
-def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def pick_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> list[int]:
     """One next token per row; -1 for rows that have already finished."""
     tokens = []
     for row, seq in enumerate(seqs):
         if seq.done:
             tokens.append(-1)
             continue
+        row_logits = logits[row]
+        if len(seq.generated) < seq.request.min_new_tokens:
+            row_logits = row_logits.index_fill(0, torch.tensor(sorted(eos_ids)), float("-inf"))
         seen = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long)
-        tokens.append(pick_next_token(logits[row], seq.request.sampling, seen, seq.generator))
+        tokens.append(pick_next_token(row_logits, seq.request.sampling, seen, seq.generator))
     return tokens
 
 
@@ -148,7 +151,7 @@ def record_token(seq: Sequence, token: int, info: TokenizerInfo) -> None:
     """Account `token` for `seq` and decide whether the sequence has finished."""
     if not seq.first_token_at:
         seq.first_token_at = time.perf_counter()
-    if token in info.eos_ids:
+    if token in info.eos_ids and not seq.request.ignore_eos:
         finish(seq, "eos", info)
         return
     seq.generated.append(token)
@@ -178,7 +181,7 @@ def generate_batch(
     for seq in seqs:
         seq.prefill_ms, seq.batch_size = prefill_ms, len(seqs)
     while True:
-        tokens = pick_tokens(logits, seqs)
+        tokens = pick_tokens(logits, seqs, info.eos_ids)
         for seq, token in zip(seqs, tokens):
             if not seq.done:
                 record_token(seq, token, info)

@@ -53,6 +53,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     stream: bool = False  # send the text as it is generated, one JSON line per chunk
+    min_new_tokens: int = 0  # the end-of-sequence token cannot be chosen before this many tokens
+    ignore_eos: bool = False  # keep generating after end-of-sequence (benchmarks: exact output lengths)
 
 
 def decode_body(body: Any) -> Mapping[str, Any]:
@@ -133,7 +135,7 @@ def _stop(value: Any, limit: int) -> tuple[str, ...]:
 
 KNOWN_FIELDS = {
     "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k",
-    "do_sample", "seed", "stop", "repetition_penalty", "stream",
+    "do_sample", "seed", "stop", "repetition_penalty", "stream", "min_new_tokens", "ignore_eos",
 }
 
 
@@ -167,10 +169,13 @@ def parse_request(body: Any, config: ServingConfig) -> GenerationRequest:
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_inclusive=False),
         seed=_integer(body, "seed", None, 0, MAX_SEED),
     )
+    max_new_tokens = _integer(body, "max_new_tokens", config.default_max_new_tokens, 1, config.max_new_tokens)
     return GenerationRequest(
         prompt=prompt,
         messages=messages,
-        max_new_tokens=_integer(body, "max_new_tokens", config.default_max_new_tokens, 1, config.max_new_tokens),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=_integer(body, "min_new_tokens", 0, 0, max_new_tokens),
+        ignore_eos=_boolean(body, "ignore_eos"),
         sampling=sampling,
         stop=_stop(body.get("stop"), config.max_stop_sequences),
         stream=_boolean(body, "stream"),

@@ -68,6 +68,9 @@ class Reply:
     final: bool = True
     status: int = 200
     content_type: str = JSON
+    # Continuous batching only: send `body` as one complete HTTP response now, although the
+    # frontend keeps the request in flight (see continuous.py).
+    whole: bool = False
 
 
 def error_reply(error: RequestError) -> Reply:
