@@ -21,7 +21,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +165,31 @@ def stop(log_dir: Path | None = None) -> None:
     deadline = time.monotonic() + 30
     while _server_running() and time.monotonic() < deadline:
         time.sleep(0.3)
+
+
+def write_ts_config(directory: Path, ports: dict[str, int], source: Path = ROOT / "config.properties") -> Path:
+    """A copy of config.properties whose listeners use `ports` ({"inference": 18080, ...})."""
+    lines = []
+    for line in source.read_text().splitlines():
+        key = line.split("=", 1)[0]
+        name = key.replace("_address", "")
+        if key.endswith("_address") and name in ports:
+            line = f"{key}=http://127.0.0.1:{ports[name]}"
+        lines.append(line)
+    path = directory / "config.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextmanager
+def running(ts_config: Path, model_store: Path, models: list[str], log_dir: Path,
+            timeout: float = 300) -> Iterator[dict[str, str]]:
+    """Start TorchServe, wait for READY workers, yield the endpoint URLs, always stop it."""
+    start(ts_config, model_store, models, log_dir, timeout)
+    try:
+        yield endpoints(read_properties(ts_config))
+    finally:
+        stop(log_dir)
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ import requests
 import yaml
 
 from cpu_llm import quantize
+from serve import ROOT
 
-from .server import ROOT, package, running_server
+from .server import package, running_server
 
 pytestmark = pytest.mark.integration
 MODES = ("woq-int8", "woq-int4", "smoothquant")

@@ -121,3 +121,23 @@ def test_worker_stays_up_after_bad_input(server):
     described = requests.get(f"{server['management']}/models/smollm2", timeout=10).json()[0]
     assert [w["status"] for w in described["workers"]] == ["READY"]
     assert predict(server, {"prompt": "Hello", "max_new_tokens": 2}).status_code == 200
+
+
+def _lines(response) -> list[dict]:
+    return [json.loads(line) for line in response.iter_lines() if line]
+
+
+def test_streaming_and_plain_requests_share_a_dynamic_batch(server):
+    body = {"prompt": "The capital of France is", "max_new_tokens": 12}
+    plain_alone = predict(server, body).json()
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(predict, server, {**body, "stream": True}, stream=True)
+        plain = pool.submit(predict, server, body)
+        streamed, plain = streamed.result(), plain.result()
+    assert streamed.headers["Content-Type"].startswith("application/x-ndjson")
+    assert streamed.headers.get("Transfer-Encoding") == "chunked"
+    lines = _lines(streamed)
+    assert len(lines) > 3 and all(set(line) == {"text"} for line in lines[:-1])
+    assert "".join(line["text"] for line in lines) == plain_alone["text"] == plain.json()["text"]
+    assert lines[-1]["batch_size"] == plain.json()["batch_size"] == 2
+    assert lines[-1]["finish_reason"] == "length" and lines[-1]["completion_tokens"] == 12

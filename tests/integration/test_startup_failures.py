@@ -7,8 +7,9 @@ import socket
 import pytest
 
 import serve
+from serve import write_ts_config
 
-from .server import TEST_PORTS, package, running_server, write_ts_config
+from .server import TEST_PORTS, package, running_server
 
 pytestmark = pytest.mark.integration
 
