@@ -10,7 +10,7 @@ MODEL := $(MODEL_DIR)/model.safetensors
 ARCHIVE := model-store/smollm2.mar
 HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py)
 
-.PHONY: install model archive serve stop test unit evaluate bench quant-report lock clean
+.PHONY: install model archive serve stop test unit evaluate bench bench-batching quant-report lock clean
 QUANT_CONFIGS := configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
 CONFIG ?= configs/woq-int8.yaml
 BACKEND ?= auto
@@ -57,3 +57,7 @@ lock: | $(VENV)/.installed
 
 clean:
 	rm -rf model-store/*.mar logs .pytest_cache
+
+# dynamic vs continuous batching under 16 concurrent streaming requests, through a real TorchServe
+bench-batching: $(MODEL)
+	$(PY) scripts/bench_batching.py --json results/batching.json

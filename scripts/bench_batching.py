@@ -47,14 +47,17 @@ def stream_one(url: str, body: dict, out: dict) -> None:
     out["sent"] = time.perf_counter()
     with requests.post(url, json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if not line:
-                continue
-            chunk = json.loads(line)
-            if chunk.get("text") and "first" not in out:
-                out["first"] = time.perf_counter()
-            if "finish_reason" in chunk:
-                out["tokens"] = chunk["completion_tokens"]
+        buffered = b""
+        # chunk_size=None: each HTTP chunk as it arrives (iter_lines() would wait for 512 bytes)
+        for data in response.iter_content(chunk_size=None):
+            buffered += data
+            *lines, buffered = buffered.split(b"\n")
+            for line in filter(None, lines):
+                chunk = json.loads(line)
+                if chunk.get("text") and "first" not in out:
+                    out["first"] = time.perf_counter()
+                if "finish_reason" in chunk:
+                    out["tokens"] = chunk["completion_tokens"]
     out["end"] = time.perf_counter()
     out.setdefault("first", out["end"])
 
