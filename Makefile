@@ -63,9 +63,9 @@ bench-batching: $(MODEL)
 	$(PY) scripts/bench_batching.py --json results/batching.json
 
 # the load-test report for the default model: offline benchmark (no HTTP) + Locust sweep through
-# a real TorchServe (configs/continuous.yaml, 1/2/4/8 users, Poisson 1 and 2 req/s)
+# a real TorchServe (configs/continuous.yaml, 1/2/4/8 users, Poisson 0.25 and 0.5 req/s)
 #   -> results/load/report.md, summary.csv/json, tokens_per_s.png, latency.png
 report: $(MODEL)
 	$(PY) scripts/evaluate.py --speed --backend $(BACKEND) --markdown results/offline.md $(QUANT_CONFIGS)
-	$(PY) load_tests/sweep.py --concurrency 1,2,4,8 --arrival-rates 1,2 --duration 30 \
+	$(PY) load_tests/sweep.py --concurrency 1,2,4,8 --arrival-rates 0.25,0.5 --duration 30 \
 	    --offline results/offline.md --out results/load

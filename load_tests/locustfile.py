@@ -11,9 +11,11 @@ Prompt and output lengths are drawn per request from `--prompt-tokens` / `--outp
 token count with the model's own tokenizer (`tokenizers`, no torch: Locust's gevent patching and
 torch do not mix). `ignore_eos` makes the output length exact.
 
-Besides Locust's per-request rows (`generate`, `generate-stream`: requests/s, failures, latency
-percentiles), every finished request adds rows of type METRIC, whose "response time" column holds
-the figure named (Locust can only aggregate response times):
+Besides Locust's per-request rows (`generate`, `generate-stream`: requests/s, failures; their
+response time is Locust's time to the response headers, which for a stream is its first chunk),
+every finished request adds rows of type METRIC, whose "response time" column holds the figure
+named (Locust can only aggregate response times):
+- `end_to_end_latency_ms` (sending the request -> its last byte);
 - `time_to_first_token_ms` (streamed requests, first text line seen by the client);
 - `inter_token_latency_ms` (mean per request: streamed from the client's clock, plain from the
   server's decode timings);
@@ -163,6 +165,7 @@ class LLMClient(HttpUser):
 
     def report(self, final: dict, sent: float, first: float | None, end: float) -> None:
         tokens = final["completion_tokens"]
+        _metric(self.environment, "end_to_end_latency_ms", (end - sent) * 1000)
         _metric(self.environment, "output_tokens_per_s", tokens / (end - sent), size=tokens)
         if first is not None:
             _metric(self.environment, "time_to_first_token_ms", (first - sent) * 1000)

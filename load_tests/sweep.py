@@ -3,7 +3,7 @@
 For every config: package it, start TorchServe on spare ports (or use `--host` for a server that
 is already running, local or remote), warm it up, then run `locustfile.py` with `ConcurrentUsers`
 at each level of `--concurrency` (and `PoissonArrivals` at each `--arrival-rates`). Writes into
-`--out`: Locust's own CSV per run, `summary.csv` / `summary.json`, `tokens_per_s.png`,
+`--out`: Locust's final stats (JSON) and log per run, `summary.csv` / `summary.json`, `tokens_per_s.png`,
 `latency.png` and `report.md`. Locust's CPU use is sampled during every run and reported, so a
 saturated client is visible rather than mistaken for a slow server.
 
@@ -34,18 +34,33 @@ import serve  # noqa: E402
 from build_archive import build_archive  # noqa: E402
 
 PORTS = {"inference": 28280, "management": 28281, "metrics": 28282}
-METRICS = ("time_to_first_token_ms", "inter_token_latency_ms", "output_tokens_per_s")
+METRICS = ("end_to_end_latency_ms", "time_to_first_token_ms", "inter_token_latency_ms", "output_tokens_per_s")
+
+
+def percentile(entry: dict, q: float) -> float | None:
+    """The q-th percentile of a Locust stats entry, from its response-time histogram."""
+    counts = sorted((float(ms), n) for ms, n in entry["response_times"].items())
+    total = sum(n for _, n in counts)
+    if not total:
+        return None
+    seen = 0
+    for ms, n in counts:
+        seen += n
+        if seen >= q / 100 * total:
+            return ms
+    return counts[-1][0]
 
 
 def run_locust(host: str, model: str, user_class: str, users: int, args, prefix: Path) -> dict:
-    """One headless Locust run; returns its rows from the stats CSV plus client CPU use."""
+    """One headless Locust run; returns its final stats entries (after the requests still in flight
+    at the end have finished: `--json`, unlike `--csv`, is written after that) plus client CPU use."""
     cmd = [serve.venv_tool("locust") or "locust", "-f", str(HERE / "locustfile.py"), user_class,
            "--host", host, "--headless", "-u", str(users), "-r", str(users), "-t", f"{args.duration}s",
-           "--csv", str(prefix), "--only-summary", "--model", model, "--prompt-tokens", args.prompt_tokens,
+           "--json", "--only-summary", "--model", model, "--prompt-tokens", args.prompt_tokens,
            "--output-tokens", args.output_tokens, "--stream-share", str(args.stream_share),
            "--arrival-rate", str(args.arrival_rate), "--tokenizer", str(args.tokenizer), "--stop-timeout", "120"]
-    with open(f"{prefix}.log", "w") as log:
-        process = psutil.Popen(cmd, stdout=log, stderr=log)
+    with open(f"{prefix}.log", "w") as log, open(f"{prefix}.json", "w") as stats:
+        process = psutil.Popen(cmd, stdout=stats, stderr=log)
         samples = []
         while process.poll() is None:
             try:
@@ -54,29 +69,27 @@ def run_locust(host: str, model: str, user_class: str, users: int, args, prefix:
                 break
     if process.returncode not in (0, 1):  # 1 = some requests failed: still a result
         raise SystemExit(f"locust exited with {process.returncode}; see {prefix}.log")
-    with open(f"{prefix}_stats.csv") as f:
-        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
+    rows = {(e["method"], e["name"]): e for e in json.loads(Path(f"{prefix}.json").read_text())}
     samples = samples[1:] or [0.0]  # the first sample covers start-up
     return {"rows": rows, "client_cpu_mean": sum(samples) / len(samples), "client_cpu_max": max(samples)}
 
 
 def summarize(config: str, shape: str, level: float, run: dict, duration: float) -> dict:
     rows = run["rows"]
-    requests_rows = [r for (kind, name), r in rows.items() if kind == "POST"]
-    count = sum(int(r["Request Count"]) for r in requests_rows)
-    main = max(requests_rows, key=lambda r: int(r["Request Count"]), default=None)
+    requests_rows = [r for (kind, _), r in rows.items() if kind == "POST"]
+    count = sum(r["num_requests"] for r in requests_rows)
     out = {"config": config, "shape": shape, "level": level, "requests": count,
-           "failures": sum(int(r["Failure Count"]) for r in requests_rows),
+           "failures": sum(r["num_failures"] for r in requests_rows),
            "requests_per_s": round(count / duration, 3)}
-    for pct in ("50%", "95%", "99%"):
-        out[f"latency_p{pct[:-1]}_ms"] = float(main[pct]) if main and count else None
-    for metric in METRICS:
+    latency = rows.get(("METRIC", "end_to_end_latency_ms"))
+    for q in (50, 95, 99):
+        out[f"latency_p{q}_ms"] = percentile(latency, q) if latency else None
+    for metric in METRICS[1:]:
         row = rows.get(("METRIC", metric))
-        for pct in ("50%", "95%"):
-            out[f"{metric}_p{pct[:-1]}"] = float(row[pct]) if row and int(row["Request Count"]) else None
+        for q in (50, 95):
+            out[f"{metric}_p{q}"] = percentile(row, q) if row else None
     tokens_row = rows.get(("METRIC", "output_tokens_per_s"))
-    total_tokens = int(tokens_row["Request Count"]) * float(tokens_row["Average Content Size"]) if tokens_row else 0
-    out["total_output_tokens_per_s"] = round(total_tokens / duration, 2)
+    out["total_output_tokens_per_s"] = round((tokens_row["total_content_length"] if tokens_row else 0) / duration, 2)
     out["client_cpu_mean_pct"] = round(run["client_cpu_mean"], 1)
     out["client_cpu_max_pct"] = round(run["client_cpu_max"], 1)
     return out

@@ -28,9 +28,11 @@ def test_sweep_writes_the_full_report(tmp_path, model_dir):
         assert row["total_output_tokens_per_s"] > 0 and row["latency_p50_ms"] > 0
         assert row["time_to_first_token_ms_p50"] > 0 and row["inter_token_latency_ms_p50"] > 0
         assert 0 < row["client_cpu_mean_pct"] < 100
+    stats = {(e["method"], e["name"]): e for e in json.loads((out / "continuous-users-2.json").read_text())}
+    assert {("POST", "generate-stream"), ("POST", "generate"), ("METRIC", "time_to_first_token_ms")} <= set(stats)
     # 8 output tokens per request (ignore_eos): the token total matches the request count
-    stats = (out / "continuous-users-2_stats.csv").read_text()
-    assert "generate-stream" in stats and "generate," in stats and "time_to_first_token_ms" in stats
+    assert stats["METRIC", "output_tokens_per_s"]["total_content_length"] == 8 * rows[1]["requests"]
+    assert rows[1]["latency_p50_ms"] > rows[1]["time_to_first_token_ms_p50"]
     for name in ("summary.csv", "tokens_per_s.png", "latency.png"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
