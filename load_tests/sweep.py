@@ -25,7 +25,6 @@ from pathlib import Path
 
 import psutil
 import requests
-import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
