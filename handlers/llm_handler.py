@@ -58,7 +58,7 @@ class LLMHandler(BaseHandler):
         if self.config.continuous_batching:
             engine = ContinuousEngine(self.served.model, self.tokenizer_info, self.config.request_timeout_s)
             self.session = ContinuousSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
-                                             on_step=lambda report, n: self.metrics.step(n, report.cancelled))
+                                             on_step=self.metrics.step)
         logger.info(
             "loaded %s: %.1fM parameters, %d threads, %s batching, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s",
             source, params / 1e6, threads, "continuous" if self.session else "dynamic",

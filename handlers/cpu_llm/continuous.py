@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from .config import ServingConfig
-from .engine import ContinuousEngine, StepReport
+from .engine import ContinuousEngine
 from .generation import Sequence, TokenizerInfo
 from .model import encode_prompt
 from .request import RequestError, parse_request
@@ -38,7 +38,7 @@ class ContinuousSession:
 
     def __init__(self, engine: ContinuousEngine, config: ServingConfig, info: TokenizerInfo,
                  on_finished: Callable[[Sequence], None] = lambda seq: None,
-                 on_step: Callable[[StepReport, int], None] = lambda report, in_flight: None) -> None:
+                 on_step: Callable[[int, int], None] = lambda in_flight, cancelled: None) -> None:
         self.engine, self.config, self.info = engine, config, info
         self.on_finished, self.on_step = on_finished, on_step
         self.streams: dict[str, TextStream] = {}  # streaming requests: text sent so far
@@ -73,8 +73,8 @@ class ContinuousSession:
                 if request.stream:
                     self.streams[rid] = TextStream()
         if new or wanted or self.engine.in_flight:
-            touched, report = self.engine.step(new, wanted)
-            self.on_step(report, self.engine.in_flight)
+            touched, cancelled = self.engine.step(new, wanted)
+            self.on_step(self.engine.in_flight, cancelled)
             for rid, seq in touched.items():
                 replies[rid] = self._reply(rid, seq, first=rid in new)
         return [replies[rid] for rid, _ in batch]

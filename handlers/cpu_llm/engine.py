@@ -12,26 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-
 import torch
 
 from .generation import Sequence, TokenizerInfo, decode_one_token, finish, left_pad, pick_tokens, prefill, record_token
 from .kv_batch import RunningBatch, grow, join, keep_rows
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one step did, for metrics and logs."""
-
-    running: int  # rows decoded this step (before newcomers joined)
-    joined: int
-    finished: int
-    cancelled: int
-    decode_ms: float
-    prefill_ms: float
 
 
 class ContinuousEngine:
@@ -48,8 +34,9 @@ class ContinuousEngine:
         return len(self.ids)
 
     @torch.inference_mode()
-    def step(self, new: dict[str, Sequence], wanted: set[str]) -> tuple[dict[str, Sequence], StepReport]:
-        """Advance everything by one token; returns the sequences of `new` and of the running rows."""
+    def step(self, new: dict[str, Sequence], wanted: set[str]) -> tuple[dict[str, Sequence], int]:
+        """Advance everything by one token; returns the sequences of `new` and of the running rows,
+        and how many rows were dropped because their client went away."""
         cancelled = [rid for rid in self.ids if rid not in wanted]
         for rid in cancelled:
             logger.info("request %s: client gone after %d tokens; freeing its slot", rid, len(self.seqs[rid].generated))
@@ -62,17 +49,17 @@ class ContinuousEngine:
 
         running = [rid for rid in self.ids if not self.seqs[rid].done]
         self._keep(running)
-        decode_ms = self._decode() if running else 0.0
-        prefill_ms = self._prefill(new) if new else 0.0
+        if running:
+            self._decode()
+        if new:
+            self._prefill(new)
         touched.update(new)
         for seq in touched.values():
             seq.batch_size = max(seq.batch_size, len(self.ids))
-        finished = sum(self.seqs[rid].done for rid in self.ids)
         self._keep([rid for rid in self.ids if not self.seqs[rid].done])
-        return touched, StepReport(len(running), len(new), finished, len(cancelled), decode_ms, prefill_ms)
+        return touched, len(cancelled)
 
-    def _decode(self) -> float:
-        started = time.perf_counter()
+    def _decode(self) -> None:
         seqs = [self.seqs[rid] for rid in self.ids]
         last = torch.tensor([seq.generated[-1] for seq in seqs], dtype=torch.long)
         mask = grow(self.batch)
@@ -80,9 +67,8 @@ class ContinuousEngine:
         self.batch = RunningBatch(cache, mask)
         for seq, token in zip(seqs, pick_tokens(logits, seqs, self.info.eos_ids)):
             record_token(seq, token, self.info)
-        return (time.perf_counter() - started) * 1000
 
-    def _prefill(self, new: dict[str, Sequence]) -> float:
+    def _prefill(self, new: dict[str, Sequence]) -> None:
         started = time.perf_counter()
         seqs = list(new.values())
         input_ids, mask = left_pad([seq.prompt_ids for seq in seqs], self.info.pad_id)
@@ -94,7 +80,6 @@ class ContinuousEngine:
         self.batch = join(self.batch, RunningBatch(cache, mask))
         self.ids += list(new)
         self.seqs.update(new)
-        return prefill_ms
 
     def _keep(self, ids: list[str]) -> None:
         """Keep only `ids` (a subsequence of the current rows) in the batch."""
