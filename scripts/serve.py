@@ -110,6 +110,11 @@ def _load_failed(log_dir: Path) -> bool:
     return False
 
 
+def model_names(models: list[str]) -> list[str]:
+    """The names TorchServe registers for `--models` entries (`name=file.mar` or `file.mar`)."""
+    return [m.split("=", 1)[0] if "=" in m else Path(m).stem for m in models]
+
+
 def start(ts_config: Path, model_store: Path, models: list[str], log_dir: Path, timeout: float) -> None:
     props = read_properties(ts_config)
     urls = endpoints(props)
@@ -128,7 +133,7 @@ def start(ts_config: Path, model_store: Path, models: list[str], log_dir: Path, 
     with open(log_dir / "torchserve_start.log", "wb") as launch_log:
         subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL, stdout=launch_log,
                        stderr=subprocess.STDOUT)
-    names = [m.split("=", 1)[0] if "=" in m else Path(m).stem for m in models]
+    names = model_names(models)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all("READY" in worker_states(urls["management"], name) for name in names):
@@ -192,6 +197,28 @@ def running(ts_config: Path, model_store: Path, models: list[str], log_dir: Path
         stop(log_dir)
 
 
+def stop_command() -> str:
+    """How to stop the server from the shell: `make stop` names this venv's stack, if it is one."""
+    venv = Path(sys.prefix)
+    if venv.parent != ROOT / ".venv":
+        return "python scripts/serve.py stop"
+    return "make stop" if venv.name == "ipex" else f"make stop STACK={venv.name}"
+
+
+def next_steps(inference: str, model: str, log_dir: Path, token_auth: bool) -> str:
+    """What to do once the server is up (printed at the end of `make serve`): try, read logs, stop."""
+    body = json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                       "max_new_tokens": 32})
+    auth = ' -H "Authorization: Bearer <inference key in key_file.json>"' if token_auth else ""
+    return "\n".join([
+        "Try it:",
+        f"  curl -s {inference}/predictions/{model}{auth} -H 'Content-Type: application/json' \\",
+        f"    -d '{body}'",
+        f"Logs: {log_dir}/ (model_log.log: the model worker; ts_log.log: TorchServe's frontend)",
+        f"Stop: {stop_command()}",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Start/stop TorchServe for this package.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,9 +238,12 @@ def main() -> None:
         start(args.ts_config, args.model_store, args.models, args.log_dir, args.timeout)
     except StartError as error:
         sys.exit(f"serve: {error}")
-    urls = endpoints(read_properties(args.ts_config))
-    print(f"READY after {time.monotonic() - started:.1f} s: {urls['inference']}/predictions/<model> "
-          f"(logs in {args.log_dir})")
+    props = read_properties(args.ts_config)
+    inference = endpoints(props)["inference"]
+    print(f"READY after {time.monotonic() - started:.1f} s: {', '.join(model_names(args.models))} at "
+          f"{inference}/predictions/<model>")
+    print(next_steps(inference, model_names(args.models)[0], args.log_dir,
+                     token_auth=props.get("disable_token_authorization") != "true"))
 
 
 if __name__ == "__main__":
