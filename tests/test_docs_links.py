@@ -98,6 +98,13 @@ def test_relative_links_and_anchors_resolve(page):
     assert broken_links(page) == []
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_fences_are_closed(page):
+    """An unclosed fence renders the rest of the page as code, links and headings included."""
+    fences = [n for n, line in enumerate(page.read_text().splitlines(), 1) if FENCE.match(line)]
+    assert len(fences) % 2 == 0, f"{page.name}: the fence on line {fences[-1]} is never closed"
+
+
 def test_docs_pages_exist_and_readme_links_each_of_them():
     linked = {(ROOT / t.partition("#")[0]).resolve() for _, t in link_targets(ROOT / "README.md")}
     pages = sorted((ROOT / "docs").glob("*.md"))
