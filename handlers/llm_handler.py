@@ -7,6 +7,8 @@ model-config's `continuousBatching` key:
   streaming requests get their text through intermediate responses as it is generated;
 - continuous batching: each `handle()` call is one decode step of every in-flight request
   (`cpu_llm.continuous`), so requests join and leave the running batch between steps.
+Each request speaks our native API or, under `/predictions/<model>/<version>/v1/...`, the OpenAI
+API (`cpu_llm.routes`); both batching modes serve both.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from cpu_llm.engine import ContinuousEngine
 from cpu_llm.generation import Sequence
 from cpu_llm.model import encode_prompt, load_model, max_positions, resolve_model_source
 from cpu_llm.quantize import prepare_for_serving
-from cpu_llm.request import RequestError, parse_request
-from cpu_llm.responses import JSON_LINES, Reply, error_reply, finished_reply, text_line
+from cpu_llm.request import RequestError
+from cpu_llm.responses import Reply
+from cpu_llm.routes import Api, Router
 from cpu_llm.serving_metrics import ServingMetrics
 from cpu_llm.text_stream import TextStream
 
@@ -54,6 +57,7 @@ class LLMHandler(BaseHandler):
                                           self.config.continuous_batching)
         check_context_length(self.config, max_positions(self.served))
         self.metrics = ServingMetrics(context.metrics)
+        self.router = Router(self.manifest.get("model", {}).get("modelName", "model"))
         self.session = None
         if self.config.continuous_batching:
             engine = ContinuousEngine(self.served.model, self.tokenizer_info, self.config.request_timeout_s)
@@ -68,43 +72,48 @@ class LLMHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
+        routes = [self.router.route(context.get_request_header(idx, "url_path"), context.request_ids[idx])
+                  for idx in range(len(data))]
         if self.session is not None:
-            replies = self.session.handle([(context.request_ids[idx], _body_of(row)) for idx, row in enumerate(data)])
+            replies = self.session.handle([(context.request_ids[idx], _body_of(row), routes[idx])
+                                           for idx, row in enumerate(data)])
             # True ends the HTTP response, False sends a chunk, None a complete response (see continuous.py).
             context.stopping_criteria = [(lambda _, stop=None if reply.whole else reply.final: stop)
                                          for reply in replies]
         else:
-            replies = self._generate_batch(data, context)
+            replies = self._generate_batch(data, routes, context)
         for idx, reply in enumerate(replies):
             context.set_response_content_type(idx, reply.content_type)
             if reply.status != 200:
                 context.set_response_status(reply.status, http.HTTPStatus(reply.status).phrase, idx)
         return [reply.body for reply in replies]
 
-    def _generate_batch(self, data: list[dict[str, Any]], context) -> list[Reply]:
+    def _generate_batch(self, data: list[dict[str, Any]], routes: list[Api | Reply], context) -> list[Reply]:
         """Dynamic batching: validate each request on its own, generate the valid ones together
         (one at a time when the model is not batch-invariant: IPEX SmoothQuant)."""
         arrived = time.perf_counter()
-        replies: list[Reply | None] = [None] * len(data)
+        replies: list[Reply | None] = [route if isinstance(route, Reply) else None for route in routes]
         valid: dict[int, Sequence] = {}
-        for idx, row in enumerate(data):
+        apis: dict[int, Api] = {idx: route for idx, route in enumerate(routes) if not isinstance(route, Reply)}
+        for idx, api in apis.items():
             try:
-                body = _body_of(row)
+                body = _body_of(data[idx])
                 if body is None:
                     raise RequestError("body", "is missing; send a JSON object with Content-Type: application/json")
-                request = parse_request(body, self.config)
+                request = api.parse(body, self.config)
                 ids = encode_prompt(self.tokenizer_info.tokenizer, request, self.config.max_prompt_tokens)
                 valid[idx] = Sequence.start(request, ids, arrived)
             except RequestError as error:
-                replies[idx] = error_reply(error)
+                replies[idx] = api.error(error)
         streams = {idx: TextStream() for idx, seq in valid.items() if seq.request.stream}
 
         def send_new_text(_: list[Sequence]) -> None:
-            chunks = {idx: text_line(piece) for idx, stream in streams.items()
-                      if not valid[idx].done and (piece := stream.next_piece(valid[idx], self.tokenizer_info))}
+            chunks = {idx: apis[idx].chunk(stream.next_piece(valid[idx], self.tokenizer_info))
+                      for idx, stream in streams.items() if not valid[idx].done}
+            chunks = {idx: chunk for idx, chunk in chunks.items() if chunk}
             if chunks:
                 for idx in chunks:
-                    context.set_response_content_type(idx, JSON_LINES)
+                    context.set_response_content_type(idx, apis[idx].content_type(True))
                 send_intermediate_predict_response(chunks, {idx: context.request_ids[idx] for idx in chunks},
                                                    "Intermediate Prediction success", 200, context)
 
@@ -113,7 +122,7 @@ class LLMHandler(BaseHandler):
             self.served.generate(self.tokenizer_info, list(valid.values()), on_step=send_new_text if streams else None)
         for idx, seq in valid.items():
             self.metrics.finished(seq)
-            replies[idx] = finished_reply(seq, streams.get(idx), self.tokenizer_info)
+            replies[idx] = apis[idx].finished(seq, streams.get(idx), self.tokenizer_info)
         return replies
 
 

@@ -17,6 +17,8 @@ from cpu_llm.engine import ContinuousEngine
 from cpu_llm.generation import Sequence, generate_batch
 from cpu_llm.model import encode_prompt
 from cpu_llm.request import parse_request
+from cpu_llm.responses import Reply
+from cpu_llm.routes import NATIVE, Api, Router
 
 pytestmark = pytest.mark.model
 CONFIG = ServingConfig(max_new_tokens=64)
@@ -26,26 +28,28 @@ class Frontend:
     def __init__(self, session: ContinuousSession) -> None:
         self.session = session
         self.running: list[str] = []
-        self.queued: list[tuple[str, object]] = []
+        self.queued: list[tuple[str, object, Api | Reply]] = []
+        self.routes: dict[str, Api | Reply] = {}
         self.bodies: dict[str, bytes] = {}
         self.status: dict[str, int] = {}
         self.done: dict[str, int] = {}  # request id -> call on which its response ended
         self.sent_whole: set[str] = set()
         self.calls = 0
 
-    def submit(self, rid: str, body: dict | bytes) -> None:
-        self.queued.append((rid, body if isinstance(body, bytes) else json.dumps(body).encode()))
+    def submit(self, rid: str, body: dict | bytes | None, route: Api | Reply = NATIVE) -> None:
+        self.routes[rid] = route
+        self.queued.append((rid, body if body is None or isinstance(body, bytes) else json.dumps(body).encode(), route))
 
     def disconnect(self, rid: str) -> None:
         self.running.remove(rid)
 
     def call(self) -> None:
-        batch = [(rid, None) for rid in self.running] + self.queued
-        self.running += [rid for rid, _ in self.queued]
+        batch = [(rid, None, self.routes[rid]) for rid in self.running] + self.queued
+        self.running += [rid for rid, _, _ in self.queued]
         self.queued = []
         replies = self.session.handle(batch)
         self.calls += 1
-        for (rid, _), reply in zip(batch, replies):
+        for (rid, _, _), reply in zip(batch, replies):
             self.status.setdefault(rid, reply.status)  # the status line goes out with the first reply
             if rid not in self.sent_whole:
                 self.bodies[rid] = self.bodies.get(rid, b"") + reply.body
@@ -205,3 +209,30 @@ def test_natively_quantized_models_batch_continuously(model_dir, method):
         assert got["finish_reason"] in ("eos", "length") and got["text"].strip(), rid
         if method == "woq":
             assert got["text"] == alone((served.model, info), body).text, rid
+
+
+def test_openai_requests_share_the_batch_with_native_ones(loaded, frontend):
+    """SSE deltas add up to the non-streamed content, a one-token completion and a refused field
+    get well-formed responses, and the model list needs no step."""
+    router = Router("smollm2")
+    chat = {"model": "smollm2", "messages": BODIES["b"]["messages"], "max_tokens": 24, "temperature": 0}
+    frontend.submit("native", BODIES["b"])
+    frontend.submit("whole", chat, router.route("v1/chat/completions", "whole"))
+    frontend.submit("sse", {**chat, "stream": True, "stream_options": {"include_usage": True}},
+                    router.route("v1/chat/completions", "sse"))
+    frontend.submit("one", {"prompt": "Hi", "max_tokens": 1, "stream": True}, router.route("v1/completions", "one"))
+    frontend.submit("bad", {**chat, "n": 3}, router.route("v1/chat/completions", "bad"))
+    frontend.submit("models", None, router.route("v1/models", "models"))
+    frontend.run_until_idle()
+    whole = frontend.json("whole")
+    assert whole["choices"][0]["message"]["content"] == frontend.json("native")["text"]
+    events = frontend.bodies["sse"].decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
+        whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["usage"] == whole["usage"]
+    one = [json.loads(e.removeprefix("data: ")) for e in frontend.bodies["one"].decode().split("\n\n")[:-2]]
+    assert one[-1]["choices"][0]["finish_reason"] == "length"
+    assert frontend.status["bad"] == 400 and json.loads(frontend.bodies["bad"])["error"]["param"] == "n"
+    assert json.loads(frontend.bodies["models"])["data"][0]["id"] == "smollm2"

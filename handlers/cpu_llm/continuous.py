@@ -13,7 +13,8 @@ the body without the HTTP status line and headers, so a completion that ends in 
 first chunk with an error status makes the frontend close the connection right after the
 headers, losing the body; so a rejected request is sent as one complete HTTP response (a `whole`
 reply, which the frontend sends unchunked but still counts as in flight) and its next call is
-answered with an empty final reply that ends it.
+answered with an empty final reply that ends it. A route that needs no generation (the OpenAI
+model list, an unknown path) is answered the same way.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from .config import ServingConfig
 from .engine import ContinuousEngine
 from .generation import Sequence, TokenizerInfo
 from .model import encode_prompt
-from .request import RequestError, parse_request
-from .responses import JSON, JSON_LINES, Reply, error_reply, finished_reply, text_line
+from .request import RequestError
+from .responses import Reply
+from .routes import Api
 from .text_stream import TextStream
 
 LOST = RequestError("body", "the worker no longer has this request's state (it restarted?); please retry", 500)
@@ -42,34 +44,39 @@ class ContinuousSession:
         self.engine, self.config, self.info = engine, config, info
         self.on_finished, self.on_step = on_finished, on_step
         self.streams: dict[str, TextStream] = {}  # streaming requests: text sent so far
+        self.apis: dict[str, Api] = {}  # the API each running request speaks
         self.pending: dict[str, Reply] = {}  # final replies held back one call (see module docstring)
 
-    def handle(self, batch: list[tuple[str, Any]]) -> list[Reply]:
-        """`batch`: (request id, body) per in-flight request, body None for a running one."""
+    def handle(self, batch: list[tuple[str, Any, Api | Reply]]) -> list[Reply]:
+        """`batch`: (request id, body, route) per in-flight request, body None for a running one;
+        the route (routes.py) is an `Api`, or a `Reply` to send instead of generating."""
         arrived = time.perf_counter()
-        present = {rid for rid, _ in batch}
+        present = {rid for rid, _, _ in batch}
         self.pending = {rid: reply for rid, reply in self.pending.items() if rid in present}
         self.streams = {rid: stream for rid, stream in self.streams.items() if rid in present}
+        self.apis = {rid: api for rid, api in self.apis.items() if rid in present}
         replies: dict[str, Reply] = {}
         new: dict[str, Sequence] = {}
         wanted: set[str] = set()
-        for rid, body in batch:
+        for rid, body, route in batch:
             if rid in self.pending:
                 replies[rid] = self.pending.pop(rid)
+            elif isinstance(route, Reply):
+                replies[rid] = self._whole(rid, route)
             elif body is None:
                 if rid in self.engine.seqs:
                     wanted.add(rid)
                 else:  # e.g. the worker restarted while the request was running
-                    replies[rid] = error_reply(LOST)
+                    replies[rid] = route.error(LOST)
             else:
                 try:
-                    request = parse_request(body, self.config)
+                    request = route.parse(body, self.config)
                     ids = encode_prompt(self.info.tokenizer, request, self.config.max_prompt_tokens)
                 except RequestError as error:
-                    replies[rid] = replace(error_reply(error), final=False, whole=True)
-                    self.pending[rid] = Reply(b"", status=error.status)
+                    replies[rid] = self._whole(rid, route.error(error))
                     continue
                 new[rid] = Sequence.start(request, ids, arrived)
+                self.apis[rid] = route
                 if request.stream:
                     self.streams[rid] = TextStream()
         if new or wanted or self.engine.in_flight:
@@ -77,16 +84,21 @@ class ContinuousSession:
             self.on_step(self.engine.in_flight, cancelled)
             for rid, seq in touched.items():
                 replies[rid] = self._reply(rid, seq, first=rid in new)
-        return [replies[rid] for rid, _ in batch]
+        return [replies[rid] for rid, _, _ in batch]
+
+    def _whole(self, rid: str, reply: Reply) -> Reply:
+        """Send `reply` as one complete HTTP response now; end the request on the next call."""
+        self.pending[rid] = Reply(b"", status=reply.status)
+        return replace(reply, final=False, whole=True)
 
     def _reply(self, rid: str, seq: Sequence, first: bool) -> Reply:
-        stream = self.streams.get(rid)
-        content_type = JSON_LINES if stream else JSON
+        stream, api = self.streams.get(rid), self.apis[rid]
+        content_type = api.content_type(stream is not None)
         if not seq.done:
-            body = text_line(piece) if stream and (piece := stream.next_piece(seq, self.info)) else b""
+            body = api.chunk(stream.next_piece(seq, self.info)) if stream else b""
             return Reply(body, final=False, content_type=content_type)
         self.on_finished(seq)
-        final = finished_reply(seq, self.streams.pop(rid, None), self.info)
+        final = api.finished(seq, self.streams.pop(rid, None), self.info)
         if first:
             self.pending[rid] = final
             return Reply(b"", final=False, content_type=content_type)

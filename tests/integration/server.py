@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +30,41 @@ def package(tmp: Path, model_dir: Path, name: str, model_config: dict) -> Path:
 
 
 @contextmanager
-def running_server(tmp: Path, store: Path, models: list[str], timeout: float = 240) -> Iterator[dict[str, str]]:
-    """TorchServe on the test ports; yields the endpoint URLs and always stops it."""
-    with serve.running(serve.write_ts_config(tmp, TEST_PORTS), store, models, tmp / "logs", timeout) as urls:
-        yield urls
+def running_server(tmp: Path, store: Path, models: list[str], timeout: float = 240,
+                   ports: dict[str, int] = TEST_PORTS, token_auth: bool = False) -> Iterator[dict[str, str]]:
+    """TorchServe on the test ports; yields the endpoint URLs and always stops it.
+
+    With `token_auth` TorchServe's token authorization is on (as it is by default): the server
+    runs in `tmp`, where it writes key_file.json, and the inference key is yielded as "key"."""
+    ts_config = serve.write_ts_config(tmp, ports)
+    if not token_auth:
+        with serve.running(ts_config, store, models, tmp / "logs", timeout) as urls:
+            yield urls
+        return
+    lines = ts_config.read_text().splitlines()
+    ts_config.write_text("\n".join(line for line in lines if not line.startswith("disable_token_authorization")) + "\n")
+    key_file = tmp / "key_file.json"
+    cwd = os.getcwd()
+    os.chdir(tmp)  # TorchServe writes key_file.json into its working directory
+    urllib.request.install_opener(urllib.request.build_opener(_ManagementKey(key_file)))
+    try:
+        with serve.running(ts_config, store, models, tmp / "logs", timeout) as urls:
+            yield {**urls, "key": json.loads(key_file.read_text())["inference"]["key"]}
+    finally:
+        urllib.request.install_opener(None)
+        os.chdir(cwd)
+
+
+class _ManagementKey(urllib.request.BaseHandler):
+    """Adds the management key to urllib requests: serve.py polls the management API for READY
+    workers, which needs it once token authorization is on (the key appears in key_file.json
+    when the frontend starts)."""
+
+    def __init__(self, key_file: Path) -> None:
+        self.key_file = key_file
+
+    def http_request(self, request: urllib.request.Request) -> urllib.request.Request:
+        if self.key_file.exists() and not request.has_header("Authorization"):
+            key = json.loads(self.key_file.read_text())["management"]["key"]
+            request.add_header("Authorization", f"Bearer {key}")
+        return request
