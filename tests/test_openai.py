@@ -54,6 +54,13 @@ def test_chat_content_parts_developer_role_and_explicit_nulls():
     assert request.max_new_tokens == 9 and request.stop == ()
 
 
+def test_what_benchmark_tools_send_is_accepted():
+    """guidellm's streamed completion body (stop null, ignore_eos, vLLM's continuous_usage_stats)."""
+    request = parse({"model": "m", "prompt": "Hi", "max_tokens": 8, "stop": None, "ignore_eos": True, "stream": True,
+                     "stream_options": {"include_usage": True, "continuous_usage_stats": True}}, "text")
+    assert request.ignore_eos and request.stream and request.max_new_tokens == 8
+
+
 def test_a_one_string_prompt_list_is_that_prompt():
     assert parse({"prompt": ["Once"]}, "text").prompt == "Once"
 
@@ -70,6 +77,7 @@ def test_a_one_string_prompt_list_is_that_prompt():
     ("chat", {"n": [1]}, "n"),
     ("chat", {"stream_options": {"include_usage": True}}, "stream_options"),
     ("chat", {"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ("chat", {"stream": True, "stream_options": {"include_usage": True, "x": True}}, "stream_options"),
     ("chat", {"max_tokens": 5, "max_completion_tokens": 5}, "max_tokens"),
     ("chat", {"max_completion_tokens": 1000}, "max_completion_tokens"),
     ("chat", {"min_tokens": -1}, "min_tokens"),
@@ -183,5 +191,6 @@ def test_routes():
     assert router.route("/v1/completions/", "r").kind == "text"
     models = router.route("v1/models", "r")
     assert isinstance(models, Reply) and json.loads(models.body)["data"][0]["id"] == "smollm2"
+    assert router.route("health", "r").status == 200
     missing = router.route("v1/embeddings", "r")
     assert missing.status == 404 and json.loads(missing.body)["error"]["type"] == "not_found_error"

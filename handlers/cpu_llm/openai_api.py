@@ -49,6 +49,9 @@ CHAT_DEFAULT_ONLY = {
 # Accepted and passed on: OpenAI's own fields, and the extensions vLLM and others also accept.
 PASSED_ON = {"temperature", "top_p", "seed", "stop", "stream", "top_k", "ignore_eos", "repetition_penalty"}
 ACCEPTED = PASSED_ON | {"model", "user", "max_tokens", "min_tokens", "stream_options"}
+# vLLM's continuous_usage_stats (usage in every chunk, sent by guidellm) is accepted and ignored:
+# it changes no generated token, and the usage still comes in the last chunk.
+STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}
 NATIVE_NAMES = {"min_new_tokens": "min_tokens"}  # native field -> OpenAI field, for error messages
 
 
@@ -163,12 +166,12 @@ def _include_usage(body: Mapping[str, Any]) -> bool:
         return False
     if body.get("stream") is not True:
         raise RequestError("stream_options", "is only allowed when stream is true")
-    if not isinstance(options, Mapping) or set(options) - {"include_usage"}:
-        raise RequestError("stream_options", "must be an object with only 'include_usage'")
-    include = options.get("include_usage", False)
-    if not isinstance(include, bool):
-        raise RequestError("stream_options.include_usage", f"must be true or false, got {json.dumps(include)}")
-    return include
+    if not isinstance(options, Mapping) or set(options) - STREAM_OPTIONS:
+        raise RequestError("stream_options", f"must be an object with only {sorted(STREAM_OPTIONS)}")
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            raise RequestError(f"stream_options.{name}", f"must be true or false, got {json.dumps(value)}")
+    return options.get("include_usage", False)
 
 
 def _prompt(value: Any) -> Any:
@@ -228,7 +231,12 @@ def models_reply(model: str, created: int) -> Reply:
     return Reply(json.dumps(body).encode("utf-8"))
 
 
+def health_reply() -> Reply:
+    """`health` answers 200 once the worker is up, as vLLM's does (benchmark tools probe it)."""
+    return Reply(b"{}")
+
+
 def not_found_reply(path: str) -> Reply:
-    body = error_body(f"no such endpoint: {path}; this server has v1/completions, v1/chat/completions and "
-                      "v1/models", None, 404)
+    body = error_body(f"no such endpoint: {path}; this server has v1/completions, v1/chat/completions, "
+                      "v1/models and health", None, 404)
     return Reply(json.dumps(body).encode("utf-8"), status=404)

@@ -2,7 +2,7 @@
 
 TorchServe 0.12 passes whatever follows `/predictions/<model>/<version>/` to the handler as the
 request header `url_path` (empty without a version segment). An empty path is our native API;
-`v1/...` paths are the OpenAI API. A route is either an `Api` (the request is generated; the Api
+`v1/...` paths (and `health`, which benchmark tools probe) are the OpenAI API. A route is either an `Api` (the request is generated; the Api
 parses its body and formats its replies) or a `Reply` to send at once (model list, unknown path).
 Both batching modes go through the same `Api` methods, so neither knows which API it serves.
 """
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from .config import ServingConfig
 from .generation import Sequence, TokenizerInfo
-from .openai_api import OpenAIApi, models_reply, not_found_reply
+from .openai_api import OpenAIApi, health_reply, models_reply, not_found_reply
 from .request import GenerationRequest, RequestError, parse_request
 from .responses import JSON, JSON_LINES, Reply, error_reply, finished_reply, text_line
 from .text_stream import TextStream
@@ -72,4 +72,6 @@ class Router:
             return OpenAIApi(OPENAI_KINDS[path], self.model, request_id)
         if path == "v1/models":
             return models_reply(self.model, self.created)
+        if path == "health":
+            return health_reply()
         return not_found_reply(path)
