@@ -130,9 +130,11 @@ def start(ts_config: Path, model_store: Path, models: list[str], log_dir: Path, 
            "--model-store", str(model_store), "--models", *models]
     # The server outlives this script: it must not hold our stdout/stderr open, or a
     # caller piping our output (`make serve | tee`) would wait until the server stops.
-    with open(log_dir / "torchserve_start.log", "wb") as launch_log:
-        subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL, stdout=launch_log,
-                       stderr=subprocess.STDOUT)
+    launch_log = log_dir / "torchserve_start.log"
+    with open(launch_log, "wb") as out:
+        launched = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    if launched.returncode != 0:  # e.g. "TorchServe is already running" (one per $TMPDIR)
+        raise StartError(f"`torchserve --start` failed:\n{launch_log.read_text(errors='replace').strip()}")
     names = model_names(models)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -52,8 +52,8 @@ def choose_index(index_url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[list
     reason = probe(index_url, timeout)
     if reason is None:
         return ["--extra-index-url", index_url], f"torch: from PyTorch's CPU wheel index {index_url} (no CUDA libraries)"
-    return [], (f"torch: {index_url} is unreachable ({reason}): torch comes from PyPI "
-                "(on Linux PyPI's torch is the CUDA build: several GB more to download)")
+    return [], (f"torch: {index_url} is unreachable ({reason}): torch comes from PyPI and pip's "
+                "configured indexes (on Linux PyPI's torch is the CUDA build: several GB more to download)")
 
 
 def cpu_requirements(lock_text: str) -> str:
