@@ -24,6 +24,12 @@ named (Locust can only aggregate response times):
 
     locust -f load_tests/locustfile.py ConcurrentUsers --host http://127.0.0.1:8080 \\
         --headless -u 4 -r 4 -t 60s --prompt-tokens 32-256 --output-tokens 64 --stream-share 1
+
+`--api openai` sends the same requests to an OpenAI-compatible `POST <--openai-path>/completions`
+instead (our server: `--openai-path /predictions/<model>/<version>/v1`; llama-server, vLLM and
+others: the default `/v1`), so one run can measure any such server. Output tokens are counted
+from the response's `usage` (streams ask for it with `stream_options.include_usage`). Plain
+(non-streamed) OpenAI responses carry no server timings, so they add no inter-token latency.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ def _arguments(parser) -> None:
     parser.add_argument("--tokenizer", default=str(ROOT / "models" / "SmolLM2-135M-Instruct" / "tokenizer.json"),
                         help="tokenizer.json of the served model (prompt lengths in its tokens)")
     parser.add_argument("--auth-token", default="", help="TorchServe inference key (Authorization: Bearer)")
+    parser.add_argument("--api", choices=["native", "openai"], default="native",
+                        help="native: POST /predictions/<model>; openai: POST <--openai-path>/completions")
+    parser.add_argument("--openai-path", default="/v1", help="path of the OpenAI API on --host (--api openai)")
 
 
 class Lengths:
@@ -116,7 +125,8 @@ class LLMClient(HttpUser):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.prompt_lengths, self.output_lengths = Lengths(options.prompt_tokens), Lengths(options.output_tokens)
-        self.url = f"/predictions/{options.model}"
+        self.openai = options.api == "openai"
+        self.url = f"{options.openai_path.rstrip('/')}/completions" if self.openai else f"/predictions/{options.model}"
         self.headers = {"Content-Type": "application/json"}
         if options.auth_token:
             self.headers["Authorization"] = f"Bearer {options.auth_token}"
@@ -131,34 +141,58 @@ class LLMClient(HttpUser):
             body["ignore_eos"] = True
         elif options.length_control == "min_new_tokens":
             body["min_new_tokens"] = tokens
+        if self.openai:  # the same request in OpenAI's words; greedy, as the native default
+            body.update(model=options.model, max_tokens=body.pop("max_new_tokens"), temperature=0)
+            if "min_new_tokens" in body:
+                body["min_tokens"] = body.pop("min_new_tokens")
+            if body["stream"]:
+                body["stream_options"] = {"include_usage": True}
         return body
+
+    def read_stream(self, response) -> tuple[float | None, dict | None]:
+        """Time of the first text and the final summary ({completion_tokens, timings?}) of a stream:
+        JSON lines (native) or Server-Sent Events (OpenAI), parsed as the chunks arrive."""
+        first = final = None
+        separator = b"\n\n" if self.openai else b"\n"
+        buffered = b""
+        for data in response.iter_content(chunk_size=None):  # each chunk as it arrives
+            buffered += data
+            *events, buffered = buffered.split(separator)
+            for event in filter(None, (e.strip() for e in events)):
+                if self.openai:
+                    payload = event.split(b":", 1)[1].strip()  # "data: {...}" or "data:{...}"
+                    if payload == b"[DONE]":
+                        continue
+                    chunk = json.loads(payload)
+                    text = "".join(c.get("text", "") for c in chunk.get("choices", []))
+                    if chunk.get("usage"):
+                        final = chunk["usage"]
+                else:
+                    chunk = json.loads(event)
+                    text = chunk.get("text")
+                    if "finish_reason" in chunk:
+                        final = chunk
+                if first is None and text:
+                    first = time.perf_counter()
+        return first, final
 
     def generate(self) -> None:
         body = self.body()
         name = "generate-stream" if body["stream"] else "generate"
         sent = time.perf_counter()
         first = None
-        final = None
         with self.client.post(self.url, data=json.dumps(body), headers=self.headers, name=name,
                               stream=body["stream"], catch_response=True) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
             if body["stream"]:
-                buffered = b""
-                for data in response.iter_content(chunk_size=None):  # each chunk as it arrives
-                    buffered += data
-                    *lines, buffered = buffered.split(b"\n")
-                    for line in filter(None, lines):
-                        chunk = json.loads(line)
-                        if first is None and chunk.get("text"):
-                            first = time.perf_counter()
-                        if "finish_reason" in chunk:
-                            final = chunk
+                first, final = self.read_stream(response)
             else:
                 final = response.json()
+                final = final.get("usage") if self.openai else final
             if final is None or "completion_tokens" not in final:
-                response.failure("response ended without finish_reason")
+                response.failure("response ended without a token count")
                 return
             response.success()
         self.report(final, sent, first, time.perf_counter())
@@ -171,7 +205,7 @@ class LLMClient(HttpUser):
             _metric(self.environment, "time_to_first_token_ms", (first - sent) * 1000)
             if tokens > 1:
                 _metric(self.environment, "inter_token_latency_ms", (end - first) * 1000 / (tokens - 1))
-        elif tokens > 1:
+        elif tokens > 1 and "timings" in final:
             _metric(self.environment, "inter_token_latency_ms", final["timings"]["decode_ms"] / (tokens - 1))
 
 

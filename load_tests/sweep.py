@@ -10,6 +10,13 @@ saturated client is visible rather than mistaken for a slow server.
     python load_tests/sweep.py                                  # configs/continuous.yaml, 1,2,4,8 users
     python load_tests/sweep.py --config configs/model-config.yaml --config configs/continuous.yaml
     python load_tests/sweep.py --host http://10.0.0.5:8080 --model smollm2 --concurrency 1,4,16
+
+With `--api openai` every target is measured through the OpenAI API (`/v1/completions`), and
+`--openai-target LABEL=BASE_URL` (repeatable) adds any OpenAI-compatible server already running,
+e.g. llama-server: its rows and curves sit beside ours in the same report.
+
+    python load_tests/sweep.py --api openai --config configs/continuous.yaml \\
+        --openai-target llama-server=http://127.0.0.1:8090/v1
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import psutil
 import requests
@@ -50,10 +59,12 @@ def percentile(entry: dict, q: float) -> float | None:
     return counts[-1][0]
 
 
-def run_locust(host: str, model: str, user_class: str, users: int, args, prefix: Path) -> dict:
+def run_locust(target: "Target", user_class: str, users: int, args, prefix: Path) -> dict:
     """One headless Locust run; returns its final stats entries (after the requests still in flight
     at the end have finished: `--json`, unlike `--csv`, is written after that) plus client CPU use."""
-    cmd = [serve.venv_tool("locust") or "locust", "-f", str(HERE / "locustfile.py"), user_class,
+    host, model = target.host, target.model
+    api = ["--api", "openai", "--openai-path", target.openai_path] if target.openai_path else []
+    cmd = [serve.venv_tool("locust") or "locust", "-f", str(HERE / "locustfile.py"), user_class, *api,
            "--host", host, "--headless", "-u", str(users), "-r", str(users), "-t", f"{args.duration}s",
            "--json", "--only-summary", "--model", model, "--prompt-tokens", args.prompt_tokens,
            "--output-tokens", args.output_tokens, "--stream-share", str(args.stream_share),
@@ -71,6 +82,47 @@ def run_locust(host: str, model: str, user_class: str, users: int, args, prefix:
     rows = {(e["method"], e["name"]): e for e in json.loads(Path(f"{prefix}.json").read_text())}
     samples = samples[1:] or [0.0]  # the first sample covers start-up
     return {"rows": rows, "client_cpu_mean": sum(samples) / len(samples), "client_cpu_max": max(samples)}
+
+
+@dataclass
+class Target:
+    """One server to measure: a model-config we serve (`config`), or a running server (`host`).
+    `openai_path` set = measured through the OpenAI API at that path, else the native API."""
+
+    label: str
+    config: Path | None = None
+    host: str | None = None
+    model: str | None = None
+    openai_path: str | None = None
+
+
+def targets(args) -> list[Target]:
+    """--config (served here), --host and --openai-target, in that order."""
+    found = [Target(c.name, config=c) for c in args.config or []]
+    if args.host:
+        found.append(Target(args.host, host=args.host, model=args.model))
+    for spec in args.openai_target:
+        label, _, url = spec.partition("=")
+        parsed = urlparse(url)
+        found.append(Target(label, host=f"{parsed.scheme}://{parsed.netloc}", model=args.model,
+                            openai_path=parsed.path or "/v1"))
+    return found or [Target("continuous.yaml", config=ROOT / "configs" / "continuous.yaml")]
+
+
+def openai_path(model: str, version: str) -> str:
+    """Where TorchServe serves a model's OpenAI API (the version segment is required)."""
+    return f"/predictions/{model}/{version}/v1"
+
+
+def warm_up(target: Target) -> None:
+    """Two short requests: the first ones pay for lazy initialisation."""
+    if target.openai_path:
+        url, body = f"{target.host}{target.openai_path}/completions", {"model": target.model, "prompt": "Hello",
+                                                                        "max_tokens": 8}
+    else:
+        url, body = f"{target.host}/predictions/{target.model}", {"prompt": "Hello", "max_new_tokens": 8}
+    for _ in range(2):
+        requests.post(url, json=body, timeout=300).raise_for_status()
 
 
 def summarize(config: str, shape: str, level: float, run: dict, duration: float) -> dict:
@@ -156,7 +208,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, action="append", help="model-config to serve (repeatable)")
     parser.add_argument("--host", help="use this running server instead of starting one (e.g. http://HOST:8080)")
-    parser.add_argument("--model", default="smollm2", help="model name on --host")
+    parser.add_argument("--model", default="smollm2", help="model name on --host / --openai-target")
+    parser.add_argument("--api", choices=["native", "openai"], default="native",
+                        help="API used for --config and --host targets")
+    parser.add_argument("--model-version", default="1.0", help="archive version in TorchServe's OpenAI path")
+    parser.add_argument("--openai-target", action="append", default=[], metavar="LABEL=BASE_URL",
+                        help="a running OpenAI-compatible server, e.g. llama-server=http://127.0.0.1:8090/v1")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated user counts")
     parser.add_argument("--arrival-rates", default="", help="comma-separated req/s for Poisson arrivals")
@@ -170,36 +227,33 @@ def main() -> None:
     args = parser.parse_args()
     args.tokenizer = args.tokenizer or args.model_dir / "tokenizer.json"
     args.arrival_rate = 1.0
-    configs = args.config or [ROOT / "configs" / "continuous.yaml"]
     levels = [("users", "ConcurrentUsers", float(n)) for n in args.concurrency.split(",") if n]
     levels += [("req/s", "PoissonArrivals", float(q)) for q in args.arrival_rates.split(",") if q]
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    targets = [(None, args.host, args.model)] if args.host else [(c, None, None) for c in configs]
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-        for index, (config, host, model) in enumerate(targets):
-            label = config.name if config else host
+        for index, target in enumerate(targets(args)):
             with ExitStack() as stack:
-                if config is not None:
+                if target.config is not None:
                     work = Path(tmp) / str(index)
                     work.mkdir()
-                    server, model = served(config, args, work)
-                    print(f"[{label}] packaging and starting TorchServe ...", flush=True)
-                    host = stack.enter_context(server)["inference"]
-                for _ in range(2):  # warm-up: first requests pay for lazy initialisation
-                    requests.post(f"{host}/predictions/{model}", json={"prompt": "Hello", "max_new_tokens": 8},
-                                  timeout=300).raise_for_status()
+                    server, target.model = served(target.config, args, work)
+                    print(f"[{target.label}] packaging and starting TorchServe ...", flush=True)
+                    target.host = stack.enter_context(server)["inference"]
+                if args.api == "openai" and target.openai_path is None:
+                    target.openai_path = openai_path(target.model, args.model_version)
+                warm_up(target)
                 for shape, user_class, level in levels:
-                    print(f"[{label}] {level:g} {shape} for {args.duration:g} s ...", flush=True)
+                    print(f"[{target.label}] {level:g} {shape} for {args.duration:g} s ...", flush=True)
                     args.arrival_rate = level if shape == "req/s" else 1.0
-                    prefix = args.out / f"{Path(label).stem}-{shape.replace('/', '')}-{level:g}"
+                    prefix = args.out / f"{Path(target.label).stem}-{shape.replace('/', '')}-{level:g}"
                     started = time.monotonic()
-                    run = run_locust(host, model, user_class, 1 if shape == "req/s" else int(level), args, prefix)
+                    run = run_locust(target, user_class, 1 if shape == "req/s" else int(level), args, prefix)
                     # run time as the client saw it, including the requests still in flight at the end
-                    row = summarize(label, "users" if shape == "users" else "rate", level, run,
+                    row = summarize(target.label, "users" if shape == "users" else "rate", level, run,
                                     time.monotonic() - started)
                     results.append(row)
-                    print(f"[{label}]   {row['requests']} requests, {row['failures']} failed, "
+                    print(f"[{target.label}]   {row['requests']} requests, {row['failures']} failed, "
                           f"{row['total_output_tokens_per_s']} output tok/s, TTFT p50 "
                           f"{row['time_to_first_token_ms_p50']} ms, Locust CPU {row['client_cpu_mean_pct']} %",
                           flush=True)
@@ -211,7 +265,9 @@ def main() -> None:
     table = markdown(results)
     report = ["# Load test report", "",
               f"Prompt tokens {args.prompt_tokens}, output tokens {args.output_tokens} (ignore_eos), "
-              f"{args.stream_share:.0%} streamed, {args.duration:g} s per level. Client: Locust on this host; "
+              f"{args.stream_share:.0%} streamed, {args.duration:g} s per level, "
+              f"{'OpenAI API (/v1/completions, greedy)' if args.api == 'openai' or args.openai_target else 'native API'}. "
+              "Client: Locust on this host; "
               f"its CPU use is in the last column (100 % = one core: above ~90 % the client limits the result).",
               "", table, ""]
     report += [f"![{p}]({p})" for p in plots]

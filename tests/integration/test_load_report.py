@@ -38,3 +38,21 @@ def test_sweep_writes_the_full_report(tmp_path, model_dir):
     report = (out / "report.md").read_text()
     assert "| continuous.yaml | 2 users |" in report and "![latency.png](latency.png)" in report
     assert "Offline generation benchmark" in report and "| fp32 | 1.0 |" in report
+
+
+def test_sweep_through_the_openai_api_puts_targets_side_by_side(tmp_path, model_dir):
+    out = tmp_path / "load"
+    subprocess.run([sys.executable, str(ROOT / "load_tests" / "sweep.py"), "--model-dir", str(model_dir),
+                    "--api", "openai", "--config", str(ROOT / "configs" / "continuous.yaml"),
+                    "--config", str(ROOT / "configs" / "model-config.yaml"), "--concurrency", "1", "--duration", "8",
+                    "--prompt-tokens", "16", "--output-tokens", "8", "--stream-share", "1", "--out", str(out)],
+                   check=True, timeout=600)
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["config"] for r in rows] == ["continuous.yaml", "model-config.yaml"]
+    for row in rows:
+        assert row["requests"] > 0 and row["failures"] == 0, row
+        assert row["total_output_tokens_per_s"] > 0 and row["time_to_first_token_ms_p50"] > 0
+    stats = {(e["method"], e["name"]): e for e in json.loads((out / "continuous-users-1.json").read_text())}
+    assert stats["METRIC", "output_tokens_per_s"]["total_content_length"] == 8 * rows[0]["requests"]
+    report = (out / "report.md").read_text()
+    assert "OpenAI API" in report and "| continuous.yaml | 1 users |" in report and "| model-config.yaml | 1 users |" in report
