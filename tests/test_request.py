@@ -91,3 +91,16 @@ def test_length_controls_and_stream_are_validated():
             assert error.field == field
         else:
             raise AssertionError(f"{body} was accepted")
+
+
+@pytest.mark.parametrize("body", [b'{"prompt": "a\\ud800b"}', {"messages": [{"role": "user", "content": "\udfff"}]}])
+def test_lone_surrogates_are_refused_before_the_tokenizer_sees_them(body):
+    with pytest.raises(RequestError) as caught:
+        parse_request(body, CONFIG)
+    assert caught.value.field == "body" and "surrogate" in caught.value.message
+
+
+def test_deeply_nested_json_is_refused():
+    with pytest.raises(RequestError) as caught:
+        parse_request(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", CONFIG)
+    assert caught.value.field == "body" and "nested" in caught.value.message

@@ -71,8 +71,18 @@ def decode_body(body: Any) -> Mapping[str, Any]:
             body = json.loads(body)
         except json.JSONDecodeError as exc:
             raise RequestError("body", f"is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        except RecursionError:
+            raise RequestError("body", "is nested too deeply") from None
     if not isinstance(body, Mapping):
         raise RequestError("body", f"must be a JSON object, got {type(body).__name__}")
+    try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no tokenizer accepts: refuse it
+        # here, or it would fail the tokenizer call and with it every request of the batch.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("body", "contains a lone UTF-16 surrogate escape (\\ud800-\\udfff): not valid text") from None
+    except RecursionError:
+        raise RequestError("body", "is nested too deeply") from None
     return body
 
 

@@ -101,18 +101,23 @@ def test_the_api_key_is_checked(server):
         stranger.models.list()
 
 
-def test_a_bad_request_does_not_disturb_its_batch(client):
+def test_a_bad_request_does_not_disturb_its_batch(client, server):
     def good():
         return client.chat.completions.create(model="smollm2", messages=CHAT, max_tokens=8, temperature=0)
 
-    def bad():
+    def refused():
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="smollm2", messages=CHAT, frequency_penalty=1.0)
-        return None
+
+    def not_text():  # a lone surrogate escape: valid JSON that no tokenizer accepts
+        response = requests.post(f"{server['v1']}/chat/completions", timeout=120,
+                                 data=b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                                 headers={"Authorization": f"Bearer {server['key']}", "Content-Type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "body"
 
     alone = good().choices[0].message.content
     with ThreadPoolExecutor(4) as pool:
-        results = [f.result() for f in [pool.submit(good), pool.submit(bad), pool.submit(good), pool.submit(bad)]]
+        results = [f.result() for f in [pool.submit(good), pool.submit(refused), pool.submit(good), pool.submit(not_text)]]
     assert [r.choices[0].message.content if r else None for r in results] == [alone, None, alone, None]
     assert good().choices[0].message.content == alone  # the worker is still up
 
