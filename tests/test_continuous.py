@@ -175,13 +175,14 @@ def test_request_over_its_time_limit_ends_with_timeout(loaded):
     assert body["finish_reason"] == "timeout" and body["completion_tokens"] < 50
 
 
-@pytest.mark.parametrize("method", ["woq", "smoothquant"])
-def test_natively_quantized_models_batch_continuously(model_dir, method):
-    """Continuous batching serves natively quantized models. WoQ keeps a request's tokens when it
-    joins mid-flight, as fp32 does (compared over 16 tokens). SmoothQuant is only checked to serve
+@pytest.mark.parametrize("method,lowp_mode", [("woq", "NONE"), ("woq", "AUTO"), ("smoothquant", None)])
+def test_natively_quantized_models_batch_continuously(model_dir, method, lowp_mode):
+    """Continuous batching serves natively quantized models. WoQ with fp32 compute (lowp_mode
+    NONE) keeps a request's tokens when it joins mid-flight, as fp32 does (compared over 16
+    tokens). Int8 compute (WoQ's default AUTO, and SmoothQuant) is only checked to serve
     correctly: its int8 activation rounding amplifies the attention's float drift from padding
     (a ~1e-5 change can cross a rounding step), so after a near-tie its greedy text can differ
-    from the text alone -- in dynamic batching too (README: What is guaranteed)."""
+    from the text alone -- in dynamic batching too (docs: What is guaranteed)."""
     import yaml
 
     from cpu_llm.config import parse_serving_config
@@ -190,7 +191,7 @@ def test_natively_quantized_models_batch_continuously(model_dir, method):
     from conftest import ROOT
 
     raw = yaml.safe_load((ROOT / "configs" / "continuous.yaml").read_text())
-    raw["quantization"].update(method=method, **({"keep_full_precision": []} if method == "smoothquant" else {}))
+    raw["quantization"].update(method=method, **({"woq": {"lowp_mode": lowp_mode}} if lowp_mode else {}))
     config = parse_serving_config(raw)
     model, info = load_model(str(model_dir))
     served = prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT),
@@ -207,7 +208,7 @@ def test_natively_quantized_models_batch_continuously(model_dir, method):
     for rid, body in bodies.items():
         got = frontend.json(rid)
         assert got["finish_reason"] in ("eos", "length") and got["text"].strip(), rid
-        if method == "woq":
+        if lowp_mode == "NONE":
             assert got["text"] == alone((served.model, info), body).text, rid
 
 

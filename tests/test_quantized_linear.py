@@ -1,14 +1,16 @@
-"""QuantizedLinear: the AVX2 kernels agree with the PyTorch reference, rows stay independent."""
+"""The native backend's layers: QuantizedLinear (both compute modes), QuantizedEmbedding and
+FullPrecisionLinear agree with the PyTorch reference, and rows stay independent."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cpu_llm import quantized_linear
-from cpu_llm.quantize import FullPrecisionLinear
-from cpu_llm.quantized_linear import KERNEL_MAX_ROWS, QuantizedLinear, kernel_status, replace_linears
-from cpu_llm.quantlib import QuantSpec, dequantize, quantize
+from cpu_llm import ops
+from cpu_llm.ops import kernel_status
+from cpu_llm.quantized_linear import (KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
+                                      replace_linears)
+from cpu_llm.quantlib import QuantSpec, dequantize, kernel_weights, quantize
 
 WOQ_SPECS = [QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "affine", "group", 64),
              QuantSpec(4, "affine", "group", 32), QuantSpec(4, "symmetric", "channel")]
@@ -28,21 +30,35 @@ def _reference(layer: QuantizedLinear) -> QuantizedLinear:
     return twin
 
 
-def test_the_kernels_are_built_for_this_torch():
+def test_the_kernels_are_built_for_this_torch_and_pick_the_best_isa():
     # make install builds kernels/; without them every quantized mode is slower than fp32.
-    assert kernel_status() == "cpu_llm_kernels (AVX2)", kernel_status()
+    flags = open("/proc/cpuinfo").read()
+    best = "avx512-vnni" if all(f in flags for f in ("avx512bw", "avx512_vnni", "avx512vl", "avx512dq")) else "avx2"
+    assert kernel_status() == f"cpu_llm_kernels ({best})", kernel_status()
 
 
 @pytest.mark.parametrize("spec", WOQ_SPECS, ids=str)
 @pytest.mark.parametrize("rows", [1, 3, 8, KERNEL_MAX_ROWS + 5])
-def test_woq_kernel_matches_dequantized_float_matmul(spec, rows):
+def test_woq_fp32_compute_matches_dequantized_float_matmul(spec, rows):
     linear = _linear()
-    layer = QuantizedLinear.from_linear(linear, spec)
+    layer = QuantizedLinear.from_linear(linear, spec, compute="fp32")
     assert layer.use_kernel
     x = torch.randn(rows, 192)
     expected = x @ dequantize(quantize(linear.weight, spec)).T + linear.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_reference(layer)(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", WOQ_SPECS, ids=str)
+@pytest.mark.parametrize("rows", [1, 8, KERNEL_MAX_ROWS + 5])
+def test_woq_int8_compute_matches_reference_and_stays_close_to_fp32_compute(spec, rows):
+    linear = _linear()
+    layer = QuantizedLinear.from_linear(linear, spec, compute="int8")
+    x = torch.randn(rows, 192)
+    y = layer(x)
+    torch.testing.assert_close(y, _reference(layer)(x), rtol=1e-4, atol=1e-4)
+    exact = x @ dequantize(quantize(linear.weight, spec)).T + linear.bias
+    assert float((y - exact).detach().norm() / exact.norm()) < 0.01  # activations quantized per block of 32
 
 
 def test_w8a8_kernel_matches_reference_and_stays_close_to_float():
@@ -57,9 +73,11 @@ def test_w8a8_kernel_matches_reference_and_stays_close_to_float():
         QuantizedLinear.from_linear(linear, QuantSpec(4, "affine", "group", 32), "w8a8")
 
 
-@pytest.mark.parametrize("kind,spec", [("woq", WOQ_SPECS[0]), ("woq", WOQ_SPECS[2]), ("w8a8", W8A8)])
-def test_a_row_gives_bitwise_the_same_result_alone_and_in_a_batch(kind, spec):
-    layer = QuantizedLinear.from_linear(_linear(), spec, kind)
+@pytest.mark.parametrize("kind,spec,compute", [("woq", WOQ_SPECS[0], "fp32"), ("woq", WOQ_SPECS[2], "fp32"),
+                                               ("woq", WOQ_SPECS[0], "int8"), ("woq", WOQ_SPECS[2], "int8"),
+                                               ("w8a8", W8A8, "fp32")])
+def test_a_row_gives_bitwise_the_same_result_alone_and_in_a_batch(kind, spec, compute):
+    layer = QuantizedLinear.from_linear(_linear(), spec, kind, compute)
     batch = torch.randn(8, 192) * torch.logspace(-2, 2, 8)[:, None]  # rows of very different ranges
     together = layer(batch)
     for row in range(8):
@@ -74,22 +92,44 @@ def test_leading_dimensions_and_dtype_are_preserved():
     torch.testing.assert_close(y, layer(x.reshape(6, 192)).reshape(2, 3, 80))
 
 
-def test_shapes_the_kernel_cannot_take_use_the_reference_path():
+def test_shapes_the_kernel_cannot_take_use_the_reference_path_in_fp32():
     odd = torch.nn.Linear(40, 16)  # 40 input columns: not a multiple of 32
-    layer = QuantizedLinear.from_linear(odd, QuantSpec(8, "symmetric", "channel"))
-    assert not layer.use_kernel
+    layer = QuantizedLinear.from_linear(odd, QuantSpec(8, "symmetric", "channel"), compute="int8")
+    assert not layer.use_kernel and layer.compute == "fp32"
     x = torch.randn(2, 40)
     torch.testing.assert_close(layer(x), x @ dequantize(quantize(odd.weight, layer.spec)).T + odd.bias)
 
 
 def test_without_the_extension_everything_still_computes(monkeypatch):
-    monkeypatch.setattr(quantized_linear, "_kernels", None)
-    assert kernel_status().startswith("reference")
+    monkeypatch.setattr(ops, "_kernels", None)
+    assert kernel_status().startswith("reference") and "make install" in kernel_status()
     linear = _linear()
-    layer = QuantizedLinear.from_linear(linear, WOQ_SPECS[2])
-    assert not layer.use_kernel
-    x = torch.randn(2, 192)
-    torch.testing.assert_close(layer(x), x @ dequantize(quantize(linear.weight, WOQ_SPECS[2])).T + linear.bias)
+    for compute in ("fp32", "int8"):
+        layer = QuantizedLinear.from_linear(linear, WOQ_SPECS[2], compute=compute)
+        assert not layer.use_kernel
+        x = torch.randn(2, 192)
+        exact = x @ dequantize(quantize(linear.weight, WOQ_SPECS[2])).T + linear.bias
+        torch.testing.assert_close(layer(x), exact, rtol=0.02, atol=0.02)
+
+
+def test_quantized_embedding_gathers_scaled_int8_rows():
+    table = torch.randn(100, 64)
+    packed = kernel_weights(quantize(table, W8A8))
+    embedding = QuantizedEmbedding(packed.qweight, packed.scales)
+    ids = torch.tensor([[3, 99, 3], [0, 1, 2]])
+    out = embedding(ids)
+    assert out.shape == (2, 3, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out, dequantize(quantize(table, W8A8))[ids])
+    assert float((out - table[ids]).abs().max()) <= float(table.abs().max()) / 127
+
+
+@pytest.mark.parametrize("use_kernel", [False, True] if ops.kernels_available() else [False])
+def test_full_precision_linear_is_exact_on_either_path(use_kernel):
+    linear = _linear()
+    layer = FullPrecisionLinear(linear, use_kernel=use_kernel)
+    for rows in (1, 3, 40):
+        x = torch.randn(2, rows, 192)
+        torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 def test_replace_linears_skips_kept_layers_and_embeddings():

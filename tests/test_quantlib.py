@@ -14,6 +14,7 @@ SPECS = [
     QuantSpec(8, "symmetric", "tensor"), QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "affine", "channel"),
     QuantSpec(8, "symmetric", "group", 32), QuantSpec(4, "symmetric", "group", 32),
     QuantSpec(4, "affine", "group", 32), QuantSpec(4, "affine", "channel"),
+    QuantSpec(4, "symmetric", "group", 32, "float16"), QuantSpec(8, "affine", "group", 32, "float16"),
 ]
 
 
@@ -32,8 +33,15 @@ def test_values_stay_in_range_and_error_is_within_half_a_step(spec):
     assert t.q.min() >= low and t.q.max() <= high
     expected_groups = {"tensor": (1, 1), "channel": (48, 1), "group": (48, 128 // 32)}[spec.granularity]
     assert tuple(t.scale.shape) == expected_groups
-    step = t.scale.expand(48, -1).repeat_interleave(t.group_size, dim=1)
-    assert ((dequantize(t) - w).abs() <= step / 2 + 1e-6).all()
+    step = t.scale.abs().expand(48, -1).repeat_interleave(t.group_size, dim=1)
+    error = (dequantize(t) - w).abs()
+    if (spec.bits, spec.scheme) == (4, "symmetric"):
+        # [-8, 7] as Q4_0: the extreme is exact, values near minus the extreme clamp to 7 (up to a step off)
+        assert (error <= step + 1e-6).all() and float((error > step / 2 + 1e-6).float().mean()) < 0.02
+        extreme_error = error.reshape(48, -1, t.group_size).amin(-1)  # each group's extreme is (nearly) exact
+        assert (extreme_error <= 0.01 * t.scale.abs().expand(48, -1) + 1e-6).all()
+    else:
+        assert (error <= step / 2 + 1e-6).all()
 
 
 def test_finer_granularity_and_more_bits_mean_less_error():
@@ -76,11 +84,22 @@ def test_int4_packing_round_trips_and_follows_the_kernel_layout():
 def test_kernel_layout_describes_the_same_weight(spec):
     w = _weight()
     t = quantize(w, spec)
-    stored, scales, offsets = kernel_weights(t)
-    values = (unpack_int4(stored) if spec.bits == 4 else stored).float()
-    groups = scales.shape[1]
-    rebuilt = (values.reshape(48, groups, -1) * scales[..., None] + offsets[..., None]).reshape(48, 128)
+    packed = kernel_weights(t)
+    values = (unpack_int4(packed.qweight) if spec.bits == 4 else packed.qweight).float()
+    assert packed.scales.dtype == (torch.float16 if spec.scale_dtype == "float16" else torch.float32)
+    assert (packed.offsets is None) == (spec.scheme == "symmetric")  # symmetric: offset = -zero * scale
+    scales = packed.scales.float()
+    offsets = packed.offsets if packed.offsets is not None else -packed.zero * scales
+    rebuilt = (values.reshape(48, scales.shape[1], -1) * scales[..., None] + offsets[..., None]).reshape(48, 128)
     torch.testing.assert_close(rebuilt, dequantize(t), rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed.dequantize(), dequantize(t), rtol=0, atol=1e-5)
+
+
+def test_float16_scales_are_what_the_values_were_rounded_against():
+    w = _weight() * 1e-3  # small weights: float16 scales near the bottom of their range
+    t = quantize(w, QuantSpec(4, "symmetric", "group", 32, "float16"))
+    assert torch.equal(t.scale, t.scale.half().float())
+    assert float((dequantize(t) - w).abs().max()) <= float(t.scale.abs().max()) + 1e-9  # [-8, 7]: one step
 
 
 def test_bad_specs_and_shapes_are_refused():

@@ -11,14 +11,15 @@ import re
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .config import HANDLER_SECTION, ConfigError
 from .generation import TokenizerInfo
 from .request import GenerationRequest, RequestError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# The one API difference of the two stacks: the name of the dtype argument when building a model.
+FP32 = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
 
 
 def resolve_model_source(model_path: str, model_dir: str) -> str:
@@ -40,19 +41,27 @@ def resolve_model_source(model_path: str, model_dir: str) -> str:
 
 def load_model(source: str) -> tuple[torch.nn.Module, TokenizerInfo]:
     """Load model (fp32, eval mode) and tokenizer; resolve EOS and padding ids once."""
-    dtype_arg = "dtype" if _TRANSFORMERS_MAJOR >= 5 else "torch_dtype"
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, **{dtype_arg: torch.float32})
+    model = AutoModelForCausalLM.from_pretrained(source, **FP32)
     model.eval()
+    return model, load_tokenizer_info(source, model.generation_config)
 
-    eos = model.generation_config.eos_token_id
+
+def load_tokenizer_info(source: str, generation_config: GenerationConfig | None = None) -> TokenizerInfo:
+    """The tokenizer with its EOS ids (the generation config's and the tokenizer's own) and padding id."""
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if generation_config is None:
+        try:
+            generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:  # no generation_config.json: the model config's ids
+            generation_config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(source))
+    eos = generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     if not eos_ids:
         raise ConfigError(f"{HANDLER_SECTION}.model_path", f"model at {source} defines no EOS token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    return model, TokenizerInfo(tokenizer=tokenizer, eos_ids=frozenset(eos_ids), pad_id=pad_id)
+    return TokenizerInfo(tokenizer=tokenizer, eos_ids=frozenset(eos_ids), pad_id=pad_id)
 
 
 def max_positions(served) -> int | None:

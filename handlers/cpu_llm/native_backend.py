@@ -1,27 +1,38 @@
-"""Native PyTorch backend: WoQ INT8/INT4 and SmoothQuant without IPEX.
+"""Native PyTorch backend: WoQ INT8/INT4 and SmoothQuant on our own kernels, without IPEX.
 
-Reads the same `quantization:` keys as the IPEX backend. Keys whose IPEX meaning has no
-native counterpart (NF4 weights, low-precision compute modes, bf16 with quantization) are
-refused here with the key named, instead of being ignored.
+Reads the same `quantization:` keys as the IPEX backend. `woq.lowp_mode` means what it means
+for IPEX: AUTO and INT8 compute with int8 activations (quantized per block of 32 on the fly),
+NONE computes in fp32 from weights dequantized in registers. Keys whose IPEX meaning has no
+native counterpart (NF4 weights, FP16/BF16 compute, bf16 with quantization) are refused with
+the key named, instead of being ignored.
+
+The input embedding and the LM head are quantized too (int8, one scale per row), unless the
+head is in `keep_full_precision`; a tied head reads the embedding's own int8 rows.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from . import native_smoothquant as smoothquant
+from . import ops
 from .calibration import CalibrationBatch, alpha_candidates
-from .errors import ConfigError
+from .errors import ConfigError, QuantizationError
+from .loader import LinearConverter
 from .quant_config import SECTION, QuantizationConfig, WoqConfig
-from .quantized_linear import QuantizedLinear, kernel_status, replace_linears
-from .quantlib import QuantSpec
+from .quantized_linear import (FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
+                               replace_linears)
+from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
 logger = logging.getLogger(__name__)
-W8A8_WEIGHTS = QuantSpec(bits=8, scheme="symmetric", granularity="channel")
+HEAD_SPEC = QuantSpec(bits=8, scheme="symmetric", granularity="channel")  # embedding and LM head
+W8A8_WEIGHTS = HEAD_SPEC
 MIN_GROUP = 32  # the kernels read weights in blocks of 32 values
 
 
@@ -37,35 +48,99 @@ def check_supported(q: QuantizationConfig) -> None:
     key = f"{SECTION}.woq"
     if q.woq.weight_dtype == "NF4":
         raise ConfigError(f"{key}.weight_dtype", "NF4 needs backend: ipex; the native backend has INT8 and INT4")
-    if q.woq.lowp_mode not in ("AUTO", "NONE"):
-        raise ConfigError(f"{key}.lowp_mode", f"the native backend computes WoQ in fp32 (AUTO or NONE); "
-                          f"{q.woq.lowp_mode} needs backend: ipex (for int8 compute use method: smoothquant)")
+    if q.woq.lowp_mode not in ("AUTO", "INT8", "NONE"):
+        raise ConfigError(f"{key}.lowp_mode", f"the native backend computes WoQ in int8 (AUTO or INT8) or fp32 "
+                          f"(NONE); {q.woq.lowp_mode} needs backend: ipex")
     if 0 < q.woq.group_size < MIN_GROUP:
         raise ConfigError(f"{key}.group_size", f"the native backend needs -1 or a power of two >= {MIN_GROUP} "
                           f"(got {q.woq.group_size})")
 
 
+def check_kernels(q: QuantizationConfig) -> None:
+    """No silent slow path: without the compiled kernels a quantized model decodes 10-20x slower
+    than fp32, so that fails the load unless the config opts into the reference path."""
+    if q.method == "none" or ops.kernels_available():
+        return
+    if not q.allow_reference_kernels:
+        raise QuantizationError(f"{ops.kernel_status()}: the native {q.method} would run 10-20x slower than fp32. "
+                                f"Build the kernels for this torch: {ops.BUILD_COMMAND}; or set "
+                                f"{SECTION}.allow_reference_kernels: true to serve on the slow reference path")
+    logger.warning("SLOW REFERENCE PATH: %s; %s.allow_reference_kernels is true", ops.kernel_status(), SECTION)
+
+
+def compute_mode(woq: WoqConfig) -> str:
+    return "fp32" if woq.lowp_mode == "NONE" else "int8"
+
+
 def woq_spec(woq: WoqConfig) -> QuantSpec:
-    """INT8: symmetric (weights are centred on zero; measured no worse than affine).
-    INT4: affine, since with 16 levels a zero point recovers a level lost to skew."""
+    """Symmetric weights, one scale per output channel or per group. Grouped scales are stored
+    as float16: for INT4 in groups of 32 that is 18 bytes per 32 weights, as llama.cpp's Q4_0."""
     bits = 8 if woq.weight_dtype == "INT8" else 4
-    return QuantSpec(bits=bits, scheme="symmetric" if bits == 8 else "affine",
-                     granularity="channel" if woq.group_size == -1 else "group",
-                     group_size=max(woq.group_size, 0))
+    grouped = woq.group_size != -1
+    return QuantSpec(bits=bits, scheme="symmetric", granularity="group" if grouped else "channel",
+                     group_size=max(woq.group_size, 0), scale_dtype="float16" if grouped else "float32")
+
+
+def head_layer(q: QuantizationConfig) -> Callable[[PackedWeight, torch.Tensor | None], torch.nn.Module]:
+    """The layer a tied LM head becomes, over the embedding's int8 rows."""
+    kind = "w8a8" if q.method == "smoothquant" else "woq"
+    return lambda packed, bias: QuantizedLinear(packed, bias, HEAD_SPEC, kind, compute_mode(q.woq))
+
+
+def linear_converter(q: QuantizationConfig, head_name: str | None) -> LinearConverter:
+    """name, quantize(spec), bias -> the quantized layer (an untied LM head gets HEAD_SPEC)."""
+    if q.method == "smoothquant":
+        return lambda name, pack, bias: QuantizedLinear(pack(W8A8_WEIGHTS), bias, W8A8_WEIGHTS, "w8a8")
+    body, compute = woq_spec(q.woq), compute_mode(q.woq)
+
+    def convert(name: str, pack: Callable[[QuantSpec], PackedWeight], bias: torch.Tensor | None) -> QuantizedLinear:
+        spec = HEAD_SPEC if name == head_name else body
+        return QuantizedLinear(pack(spec), bias, spec, "woq", compute)
+
+    return convert
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def _set(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def quantize_embeddings(model: torch.nn.Module, q: QuantizationConfig) -> None:
+    """Input embedding -> int8 rows; a tied LM head (not kept in fp32) shares them."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    head_name = _module_name(model, head)
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    if tied and head_name in q.keep_full_precision:
+        return  # the kept head reads the fp32 table: a second, int8 copy would only cost memory
+    packed = kernel_weights(quantize(embedding.weight, HEAD_SPEC))
+    _set(model, _module_name(model, embedding), QuantizedEmbedding(packed.qweight, packed.scales))
+    if tied:
+        _set(model, head_name, head_layer(q)(packed, head.bias))
 
 
 def quantize_w8a8(model: torch.nn.Module) -> None:
+    """Every linear layer to W8A8 (what SmoothQuant's calibration compares alphas with)."""
     replace_linears(model, lambda name, linear: QuantizedLinear.from_linear(linear, W8A8_WEIGHTS, "w8a8"))
+
+
+def quantize_model(model: torch.nn.Module, q: QuantizationConfig) -> None:
+    """Swap every linear layer (not kept) and the embeddings for quantized ones, in place."""
+    head_name = _module_name(model, model.get_output_embeddings())
+    quantize_embeddings(model, q)
+    convert = linear_converter(q, head_name)
+    replace_linears(model, lambda name, linear: convert(
+        name, lambda spec: kernel_weights(quantize(linear.weight, spec)), linear.bias))
 
 
 def optimize(model: torch.nn.Module, q: QuantizationConfig,
              calibration: Callable[[], list[CalibrationBatch]], summary_path: Path | None) -> torch.nn.Module:
     """Quantize `model` in place as `q` asks (keep_full_precision is applied by the caller)."""
-    logger.info("native backend kernels: %s", kernel_status())
-    if q.method == "woq":
-        spec = woq_spec(q.woq)
-        replace_linears(model, lambda name, linear: QuantizedLinear.from_linear(linear, spec))
-    elif q.method == "smoothquant":
+    logger.info("native backend kernels: %s", ops.kernel_status())
+    if q.method == "smoothquant":
         if summary_path.is_file():
             logger.info("SmoothQuant: reusing calibration %s", summary_path)
             try:
@@ -77,5 +152,42 @@ def optimize(model: torch.nn.Module, q: QuantizationConfig,
             alphas = alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)
             act_max, alpha = smoothquant.calibrate(model, calibration(), alphas, quantize_w8a8, summary_path)
         smoothquant.apply_smoothing(model, act_max, alpha)
-        quantize_w8a8(model)
+    if q.method != "none":
+        quantize_model(model, q)
     return model
+
+
+# --- fp32: our matrix-vector kernel where the BLAS is slow -------------------------------------
+
+def _gb_per_s(fn: Callable[[], torch.Tensor], nbytes: int, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return nbytes / best / 1e9
+
+
+def fp32_matvec(model: torch.nn.Module) -> dict[str, object]:
+    """Time PyTorch's fp32 matrix-vector product (the BLAS) against our kernel on the model's
+    largest linear weight, once at load; where ours is faster, every fp32 linear layer uses it
+    for decode-sized inputs. On AMD hosts the BLAS reads 6-13 GB/s of 30-39 (FACTS.md)."""
+    linears = [m for m in model.modules() if type(m) in (torch.nn.Linear, FullPrecisionLinear)]
+    if not ops.kernels_available() or not linears:
+        return {"fp32_matvec": "torch (no kernels)" if linears else "none"}
+    weight = max((m.weight for m in linears), key=lambda w: w.numel())
+    x = torch.randn(1, weight.shape[1])
+    nbytes = weight.numel() * 4
+    with torch.inference_mode():
+        blas = _gb_per_s(lambda: F.linear(x, weight), nbytes)
+        ours = _gb_per_s(lambda: ops.linear_f32(x, weight, None), nbytes)
+    use_ours = ours > blas
+    if use_ours:
+        for name, module in list(model.named_modules()):
+            if type(module) is torch.nn.Linear:
+                _set(model, name, FullPrecisionLinear(module, use_kernel=True))
+            elif isinstance(module, FullPrecisionLinear):
+                module.use_kernel = True
+    return {"fp32_matvec": f"{'cpu_llm' if use_ours else 'torch'} (up to {FP32_KERNEL_MAX_ROWS} rows; "
+                           f"measured at load on {tuple(weight.shape)}: torch {blas:.1f} GB/s, ours {ours:.1f} GB/s)"}

@@ -28,7 +28,7 @@ DEFAULT_CALIBRATION = "calibration/calibration.jsonl"
 @dataclass(frozen=True)
 class WoqConfig:
     weight_dtype: str = "INT8"
-    lowp_mode: str = "AUTO"  # AUTO: INT8 compute for INT8/INT4 weights (fastest here), NONE for NF4
+    lowp_mode: str = "AUTO"  # AUTO: INT8 compute for INT8/INT4 weights (both backends), NONE for NF4
     group_size: int = -1  # -1 = one scale per output channel, else a power of two
     act_quant_mode: str = "PER_BATCH_IC_BLOCK_SYM"  # only used with lowp_mode INT8
 
@@ -50,8 +50,9 @@ class QuantizationConfig:
     method: str = "none"
     backend: str = "auto"
     dtype: str = "fp32"
-    keep_full_precision: tuple[str, ...] = ("lm_head",)
+    keep_full_precision: tuple[str, ...] = ()  # e.g. [lm_head]; the native backend quantizes the head int8 per row
     fallback_to_unquantized: bool = False  # serve fp32 (loudly) if the backend cannot quantize
+    allow_reference_kernels: bool = False  # native: serve without the compiled kernels (10-20x slower)
     woq: WoqConfig = field(default_factory=WoqConfig)
     smoothquant: SmoothQuantConfig = field(default_factory=SmoothQuantConfig)
 
@@ -134,8 +135,9 @@ def parse_quantization_config(raw: Any) -> QuantizationConfig:
     keep = values["keep_full_precision"]
     if not isinstance(keep, (list, tuple)) or not all(isinstance(k, str) and k for k in keep):
         raise ConfigError(f"{SECTION}.keep_full_precision", "must be a list of module names, e.g. [lm_head]")
-    if not isinstance(values["fallback_to_unquantized"], bool):
-        raise ConfigError(f"{SECTION}.fallback_to_unquantized", "must be true or false")
+    for flag in ("fallback_to_unquantized", "allow_reference_kernels"):
+        if not isinstance(values[flag], bool):
+            raise ConfigError(f"{SECTION}.{flag}", "must be true or false")
     raw = raw or {}
     for sub, applies_to in (("woq", "woq"), ("smoothquant", "smoothquant")):
         if sub in raw and method != applies_to:
@@ -146,6 +148,7 @@ def parse_quantization_config(raw: Any) -> QuantizationConfig:
         dtype=_choice(f"{SECTION}.dtype", values["dtype"], DTYPES),
         keep_full_precision=tuple(keep),
         fallback_to_unquantized=values["fallback_to_unquantized"],
+        allow_reference_kernels=values["allow_reference_kernels"],
         woq=_parse_woq(raw.get("woq")),
         smoothquant=_parse_smoothquant(raw.get("smoothquant")),
     )

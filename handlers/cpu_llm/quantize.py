@@ -1,10 +1,13 @@
 """Turn the loaded fp32 model into the model we serve, as `quantization:` asks, and say what was done.
 
 Backends: `ipex` (Intel Extension for PyTorch: ipex.llm.optimize, WoQ, SmoothQuant) and
-`native` (plain PyTorch plus our AVX2 kernels: WoQ INT8/INT4 and SmoothQuant W8A8).
-`auto` picks IPEX when it imports. Quantization that silently did nothing (IPEX falls back to
-the original model for architectures it does not know) fails the load, unless
-`fallback_to_unquantized: true` says to serve fp32 -- and then it is logged as a warning.
+`native` (plain PyTorch plus our kernels: WoQ INT8/INT4 and SmoothQuant W8A8). `auto` picks
+the one that is faster on this CPU (resolve_backend). Quantization that silently did nothing
+(IPEX falls back to the original model for architectures it does not know) fails the load,
+unless `fallback_to_unquantized: true` says to serve fp32 -- and then it is logged as a warning.
+
+`load_for_serving` is the entry point: native WoQ is quantized while the checkpoint is read
+(loader.py), so the fp32 model is never held; every other mode loads fp32 and quantizes it.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ from typing import Any, Callable
 
 import psutil
 import torch
-import torch.nn.functional as F
 
 from .calibration import calibration_batches, read_texts
 from .errors import ConfigError, QuantizationError
 from .generation import GenerationResult, Sequence, TokenizerInfo, generate_batch
+from .model import load_model, load_tokenizer_info
+from .ops import kernel_status
 from .quant_config import SECTION, QuantizationConfig
-from .quantized_linear import as_linear, kernel_status
+from .quantized_linear import FullPrecisionLinear, as_linear
 
 logger = logging.getLogger(__name__)
 CACHE_DIR_ENV = "LLM_CPU_CACHE_DIR"  # where SmoothQuant calibrations are cached
@@ -57,17 +61,6 @@ class ServedModel:
                 for result in generate_batch(self.model, info, seqs[start:start + step], self.new_cache, on_step)]
 
 
-class FullPrecisionLinear(torch.nn.Module):
-    """A linear layer quantization passes do not recognise (it is not an nn.Linear)."""
-
-    def __init__(self, linear: torch.nn.Linear) -> None:
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as info:
@@ -84,10 +77,26 @@ def bf16_capable(flags: set[str]) -> bool:
     return bool(flags & {"avx512bw", "avx_ne_convert", "amx_bf16"})
 
 
+def amx_capable(flags: set[str]) -> bool:
+    return bool(flags & {"amx_int8", "amx_bf16"})
+
+
 def resolve_backend(q: QuantizationConfig, continuous_batching: bool = False) -> str:
-    """`auto` = IPEX when it imports, unless continuous batching rules it out (see below)."""
+    """The backend to serve with; `auto` picks the faster one on this CPU, and the load log says why."""
     ipex_present = importlib.util.find_spec("intel_extension_for_pytorch") is not None
-    backend = q.backend if q.backend != "auto" else ("ipex" if ipex_present and not continuous_batching else "native")
+    backend, why = q.backend, "set in the config"
+    if q.backend == "auto":
+        if continuous_batching:
+            backend, why = "native", "continuous batching (IPEX's KV cache cannot let rows join)"
+        elif not ipex_present:
+            backend, why = "native", "IPEX is not installed"
+        elif q.method == "none" or amx_capable(cpu_flags()):
+            backend, why = "ipex", ("ipex.llm.optimize fp32 beats plain transformers" if q.method == "none"
+                                    else "the CPU has AMX, where IPEX's quantized kernels pay off")
+        else:
+            # Measured: without AMX (AVX-512 and AVX2 AMD hosts) IPEX WoQ INT8 decodes at 0.4-0.5x of
+            # IPEX fp32 and its SmoothQuant far slower, while our kernels beat fp32 there.
+            backend, why = "native", "the CPU has no AMX, where IPEX's quantized kernels are slower than ours"
     if backend == "ipex" and not ipex_present:
         raise ConfigError(f"{SECTION}.backend", "ipex: intel-extension-for-pytorch is not installed "
                           "(use the ipex stack: make install STACK=ipex)")
@@ -98,9 +107,11 @@ def resolve_backend(q: QuantizationConfig, continuous_batching: bool = False) ->
                           "keeps one position for the whole batch, so requests cannot join or leave a running "
                           "batch; use backend: native (or auto), or turn continuousBatching off")
     if backend == "native":
-        from .native_backend import check_supported
+        from .native_backend import check_kernels, check_supported
 
         check_supported(q)
+        check_kernels(q)
+    logger.info("quantization backend: %s (%s)", backend, why)
     return backend
 
 
@@ -159,18 +170,36 @@ def smoothquant_summary_path(q: QuantizationConfig, backend: str, model_source: 
     return cache / "smoothquant" / f"{prefix}{digest.hexdigest()[:16]}.json"
 
 
-def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig,
-                        model_source: str, model_dir: str, continuous_batching: bool = False) -> ServedModel:
+def load_for_serving(source: str, q: QuantizationConfig, model_dir: str,
+                     continuous_batching: bool = False) -> tuple[ServedModel, TokenizerInfo]:
+    """Load the model at `source` and make it the model we serve, as `q` asks."""
+    backend = resolve_backend(q, continuous_batching)
+    if backend == "native" and q.method == "woq":
+        from . import loader, native_backend
+
+        process = psutil.Process(os.getpid())
+        rss_before, started = process.memory_info().rss, time.perf_counter()
+        info = load_tokenizer_info(source)
+        model = loader.load_quantized(source, lambda head: native_backend.linear_converter(q, head),
+                                      native_backend.HEAD_SPEC, native_backend.head_layer(q), q.keep_full_precision)
+        if model is not None:
+            logger.info("native backend kernels: %s; quantized while loading from %s", kernel_status(), source)
+            return _served(model, q, backend, rss_before, started, streamed=True), info
+    model, info = load_model(source)
+    return prepare_for_serving(model, info.tokenizer, q, source, model_dir, continuous_batching, backend), info
+
+
+def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig, model_source: str, model_dir: str,
+                        continuous_batching: bool = False, backend: str | None = None) -> ServedModel:
+    """Quantize an fp32 model already in memory, as `q` asks (on `backend`, else the one resolved)."""
     flags = cpu_flags()
-    isa = torch.backends.cpu.get_cpu_capability()
     if q.dtype == "bf16" and not bf16_capable(flags):
         raise ConfigError(f"{SECTION}.dtype", f"bf16 needs a CPU with AVX-512 BW or AMX; this one reports "
-                          f"{isa} without avx512bw; use dtype: fp32")
-    backend = resolve_backend(q, continuous_batching)
+                          f"{torch.backends.cpu.get_cpu_capability()} without avx512bw; use dtype: fp32")
+    backend = backend or resolve_backend(q, continuous_batching)
     process = psutil.Process(os.getpid())
     rss_before, started = process.memory_info().rss, time.perf_counter()
     torch_dtype = torch.bfloat16 if q.dtype == "bf16" else torch.float32
-    new_cache: Callable[[int], Any] = lambda n: None  # noqa: E731 - transformers builds its own cache
     if q.method != "none":
         if backend == "ipex" and q.method == "smoothquant" and q.keep_full_precision:
             raise ConfigError(f"{SECTION}.keep_full_precision", "IPEX SmoothQuant quantizes every linear "
@@ -186,13 +215,28 @@ def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig
         from . import ipex_backend
 
         model = ipex_backend.optimize(model, q, torch_dtype, batches, summary)
-        new_cache = ipex_backend.new_cache_fn(model)
     elif q.method != "none":
         from . import native_backend
 
         model = native_backend.optimize(model, q, batches, summary)
     elif torch_dtype != torch.float32:
         model = model.to(torch_dtype)
+    return _served(model, q, backend, rss_before, started)
+
+
+def _served(model: torch.nn.Module, q: QuantizationConfig, backend: str, rss_before: int, started: float,
+            streamed: bool = False) -> ServedModel:
+    """Check that quantization did something, report what, and wrap the model for serving."""
+    new_cache: Callable[[int], Any] = lambda n: None  # noqa: E731 - transformers builds its own cache
+    extra: dict[str, Any] = {}
+    if backend == "ipex":
+        from . import ipex_backend
+
+        new_cache = ipex_backend.new_cache_fn(model)
+    elif q.dtype == "fp32":
+        from . import native_backend
+
+        extra = native_backend.fp32_matvec(model)  # fp32 layers left (all of them, or a kept head)
     counts, quantized = module_report(model)
     if q.method != "none" and quantized == 0:
         message = (f"{q.method} with backend {backend} left every linear layer unquantized "
@@ -200,10 +244,13 @@ def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig
         if not q.fallback_to_unquantized:
             raise QuantizationError(message + "; set quantization.fallback_to_unquantized: true to serve fp32")
         logger.warning("SERVING UNQUANTIZED: %s", message)
+    process = psutil.Process(os.getpid())
     report = {
-        "method": q.method, "backend": backend, "dtype": q.dtype, "cpu_isa": isa,
+        "method": q.method, "backend": backend, "dtype": q.dtype, "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "linear_modules": counts, "quantized_modules": quantized,
-        **({"kernels": kernel_status()} if backend == "native" and q.method != "none" else {}),
+        **({"kernels": kernel_status(), "quantized_while_loading": streamed}
+           if backend == "native" and q.method != "none" else {}),
+        **extra,
         "seconds": round(time.perf_counter() - started, 1),
         "rss_mib_before": round(rss_before / 2**20), "rss_mib_after": round(process.memory_info().rss / 2**20),
     }

@@ -1,126 +1,140 @@
-"""`QuantizedLinear`, the native backend's replacement for nn.Linear, and the model pass.
+"""The native backend's layers: quantized linear layers and embedding, the fp32 linear layer, and
+the pass that swaps them into a model.
 
-Two kinds:
-- "woq": int8 or int4 weights, float32 activations (weight-only quantization);
-- "w8a8": int8 weights per output channel and int8 activations per row (SmoothQuant).
-Both run on cpu_llm_kernels (AVX2, built at install) when present. Without it a plain
-PyTorch path computes the same result, much more slowly; `kernel_status()` says which one a
-server runs, and the quantization report carries it.
+- `QuantizedLinear`, kind "woq": int8 or int4 weights; compute "int8" quantizes the activations
+  per block of 32 and uses integer dot products (IPEX's lowp_mode INT8), compute "fp32"
+  dequantizes the weights in registers and keeps fp32 activations (lowp_mode NONE).
+- `QuantizedLinear`, kind "w8a8": SmoothQuant, int8 weights per output channel and int8
+  activations per row.
+- `QuantizedEmbedding`: int8 rows with one scale each, gathered; a tied LM head shares them.
+- `FullPrecisionLinear`: an fp32 layer quantization passes leave alone, on our matrix-vector
+  kernel when the host's BLAS is slower at decode shapes.
+All run on the compiled kernels (ops.py) when present; `use_kernel` says so per layer.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .quantlib import QuantizedTensor, QuantSpec, kernel_weights, quantize, unpack_int4
+from . import ops
+from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
-logger = logging.getLogger(__name__)
-
-try:
-    import cpu_llm_kernels as _kernels
-except ImportError:  # not built (no compiler at install time, or another torch)
-    _kernels = None
-
-# Above this many rows (prefill), WoQ layers dequantize into a float GEMM. Measured on whole
-# SmolLM2 prefills: the kernel wins up to 32 rows, dequantize + GEMM from 64 rows on
-# (per layer shape: scripts/bench_kernels.py).
+KINDS = ("woq", "w8a8")
+COMPUTES = ("int8", "fp32")
+# fp32 compute: above this many rows (prefill), dequantize into a float GEMM. Measured on whole
+# SmolLM2 prefills: the kernel wins up to 32 rows (per layer shape: scripts/bench_kernels.py).
 KERNEL_MAX_ROWS = 32
-_scratch = torch.empty(0)  # reused dequantization buffer, grown to the largest layer
-
-
-def _scratch_buffer(numel: int) -> torch.Tensor:
-    """Storage for one dequantized weight. The serving worker runs one forward at a time, and
-    each layer consumes its dequantized weight before the next layer asks for the buffer."""
-    global _scratch
-    if _scratch.numel() < numel:
-        _scratch = torch.empty(numel)
-    return _scratch[:numel]
-
-
-def kernel_status() -> str:
-    """Which implementation the quantized layers run on this host."""
-    if _kernels is None:
-        return "reference (cpu_llm_kernels not importable: slow; run make install)"
-    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
-        return "reference (the CPU lacks AVX2)"
-    return "cpu_llm_kernels (AVX2)"
-
-
-def _kernels_usable() -> bool:
-    return kernel_status().startswith("cpu_llm_kernels")
-
-
-def _reference_dequantize(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                          bits: int) -> torch.Tensor:
-    stored = (unpack_int4(qweight) if bits == 4 else qweight).float()
-    n, k = stored.shape
-    grouped = stored.reshape(n, scales.shape[1], -1)
-    return (grouped * scales[..., None] + offsets[..., None]).reshape(n, k)
-
-
-def _reference_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(-1) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / scale[:, None]).to(torch.int8), scale
+# Our fp32 matrix-vector kernel serves up to this many rows; the BLAS GEMM is better above.
+FP32_KERNEL_MAX_ROWS = 8
 
 
 class QuantizedLinear(torch.nn.Module):
-    """y = x W^T + b with W stored as integers (see quantlib.kernel_weights for the layout)."""
+    """y = x W^T + b with W stored as integers (quantlib.kernel_weights gives the layout)."""
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, kind: str) -> None:
+    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, spec: QuantSpec, kind: str = "woq",
+                 compute: str = "fp32") -> None:
         super().__init__()
-        if kind == "w8a8" and (qt.spec.bits, qt.spec.scheme, qt.spec.granularity) != (8, "symmetric", "channel"):
+        if kind not in KINDS or compute not in COMPUTES:
+            raise ValueError(f"kind must be one of {KINDS}, compute one of {COMPUTES}")
+        if kind == "w8a8" and (spec.bits, spec.scheme, spec.granularity) != (8, "symmetric", "channel"):
             raise ValueError("w8a8 needs symmetric per-channel 8-bit weights")
-        self.out_features, self.in_features = qt.q.shape
-        self.bits, self.kind, self.spec = qt.spec.bits, kind, qt.spec
-        qweight, scales, offsets = kernel_weights(qt)
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
-        self.register_buffer("offsets", offsets)
+        self.out_features, self.in_features = packed.shape
+        self.bits, self.zero, self.kind, self.spec = packed.bits, packed.zero, kind, spec
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("offsets", packed.offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        group = self.in_features // scales.shape[1]
-        self.use_kernel = _kernels_usable() and self.in_features % 32 == 0 and group % 32 == 0
+        group = self.in_features // packed.scales.shape[1]
+        self.use_kernel = ops.kernels_available() and self.in_features % ops.BLOCK == 0 and group % ops.BLOCK == 0
+        # Activations are quantized per block of 32: a width that is not a multiple of 32 keeps fp32 compute.
+        self.compute = compute if self.in_features % ops.BLOCK == 0 else "fp32"
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, spec: QuantSpec, kind: str = "woq") -> "QuantizedLinear":
-        return cls(quantize(linear.weight, spec), linear.bias, kind)
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, kind: str = "woq",
+                    compute: str = "fp32") -> "QuantizedLinear":
+        return cls(kernel_weights(quantize(weight, spec)), bias, spec, kind, compute)
 
-    def dequantized_weight(self, reuse_buffer: bool = False) -> torch.Tensor:
-        """The float32 weight; with `reuse_buffer` it lives in the shared scratch buffer and is
-        only valid until the next layer's call."""
-        if self.use_kernel:
-            out = _scratch_buffer(self.out_features * self.in_features) if reuse_buffer else None
-            return _kernels.dequantize_weight(self.qweight, self.scales, self.offsets, self.bits, out)
-        return _reference_dequantize(self.qweight, self.scales, self.offsets, self.bits)
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, spec: QuantSpec, kind: str = "woq",
+                    compute: str = "fp32") -> "QuantizedLinear":
+        return cls.from_weight(linear.weight, linear.bias, spec, kind, compute)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.offsets, self.bits, self.zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
-        if self.kind == "w8a8":
-            y = self._w8a8(x2)
+        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (rows, K)
+        if self.kind == "w8a8" or self.compute == "int8":
+            # Every row count takes the same integer path, so a row's result never depends on
+            # how many rows (prompt tokens, batch companions) share the call.
+            y = ops.qlinear(x2, self.packed, self.kind == "w8a8", self.bias, self.use_kernel)
         elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = _kernels.woq_linear(x2, self.qweight, self.scales, self.offsets, self.bits, self.bias)
+            y = ops.woq_linear_f32(x2, self.packed, self.bias, self.use_kernel)
         else:
-            y = F.linear(x2, self.dequantized_weight(reuse_buffer=True), self.bias)
+            y = F.linear(x2, ops.dequantize_shared(self.packed, self.use_kernel), self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        wscale = self.scales[:, 0]
-        if self.use_kernel:
-            return _kernels.w8a8_linear(x, self.qweight, wscale, self.bias)
-        xq, xscale = _reference_quantize_rows(x)
-        y = (xq.float() @ self.qweight.float().T) * xscale[:, None] * wscale[None, :]
-        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
                 f"bits={self.bits}, {self.spec.scheme} per {self.spec.granularity}"
                 + (f" of {self.spec.group_size}" if self.spec.group_size else "")
-                + f", kernel={'avx2' if self.use_kernel else 'reference'}")
+                + f", compute={self.compute}, kernel={ops.current_isa() if self.use_kernel else 'reference'}")
+
+
+class QuantizedEmbedding(torch.nn.Module):
+    """An embedding table stored as int8 rows with one scale each (symmetric): a lookup gathers
+    the rows it needs and scales them. A tied LM head reads the same int8 table."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)  # int8 [vocab, hidden]
+        self.register_buffer("scales", scales)  # float32 [vocab, 1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scales[ids]  # (..., hidden)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
+
+
+class FullPrecisionLinear(torch.nn.Module):
+    """An fp32 linear layer that quantization passes do not recognise (it is not an nn.Linear).
+    With `use_kernel`, decode-sized inputs take our matrix-vector kernel (see fp32_matvec)."""
+
+    def __init__(self, linear: torch.nn.Linear, use_kernel: bool = False) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.use_kernel = use_kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.use_kernel and rows <= FP32_KERNEL_MAX_ROWS and x.dtype == torch.float32:
+            y = ops.linear_f32(x.reshape(rows, -1).contiguous(), self.weight, self.bias)
+            return y.reshape(*x.shape[:-1], self.weight.shape[0])
+        return F.linear(x, self.weight, self.bias)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the model as the checkpoint had them, quantized ones included (a tied table
+    counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        tensors = [(t, t.numel()) for t in module.parameters(recurse=False)]
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            rows, cols = module.qweight.shape
+            tensors.append((module.qweight, rows * cols * (2 if getattr(module, "bits", 8) == 4 else 1)))
+        for tensor, count in tensors:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += count
+    return total
 
 
 def as_linear(module: torch.nn.Module) -> torch.nn.Linear | None:

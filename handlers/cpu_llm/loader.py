@@ -1,0 +1,219 @@
+"""Build a model straight from its safetensors checkpoint with quantized layers, never holding
+the full-precision model.
+
+The model is constructed with its parameters on the `meta` device (no memory, no random init;
+buffers such as rotary frequencies stay real). Then each linear weight is read from the
+memory-mapped checkpoint a slice of rows at a time, quantized, and swapped in; every other
+parameter is read as it is. Peak memory is the quantized model plus one slice, and fp16/bf16
+checkpoints are converted slice by slice, never as a whole.
+
+Checkpoints this cannot stream (no safetensors, key names the model does not use) return None,
+and the caller loads the usual way and quantizes afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from .model import FP32
+from .quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear
+from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
+
+logger = logging.getLogger(__name__)
+ROWS_PER_SLICE = 1024  # rows quantized at a time: a few MB of fp32 in flight
+# (name, quantize(spec) -> the weight packed, bias) -> the layer that serves it
+LinearConverter = Callable[[str, Callable[[QuantSpec], PackedWeight], torch.Tensor | None], torch.nn.Module]
+
+
+try:
+    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # not glibc
+    _malloc_trim = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the slices back to the OS. glibc keeps freed heap memory for reuse
+    (about 400 MB after quantizing a 1B model slice by slice), which would count as RSS."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside put their parameters on the meta device (buffers stay real)."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+class Checkpoint:
+    """The tensors of a (possibly sharded) safetensors checkpoint, read by name and row range.
+
+    Read with plain file reads rather than safetensors' memory map: pages of a mapped file
+    count in the process's RSS until it is unmapped, so mapping a 4 GB fp32 checkpoint to
+    quantize it would show as 4 GB more peak memory. Format: an 8-byte little-endian header
+    size, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data.
+    """
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+                 if index.is_file() else [folder / "model.safetensors"] if (folder / "model.safetensors").is_file()
+                 else [])
+        self._entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    self._entries[name] = (path, self.DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                                           8 + size + entry["data_offsets"][0])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str, transposed: bool = False) -> tuple[int, ...]:
+        shape = self._entries[name][2]
+        return shape[::-1] if transposed else shape
+
+    def rows(self, name: str, start: int, stop: int, transposed: bool = False) -> torch.Tensor:
+        """Rows [start, stop) as float32; of the transpose for GPT-2's Conv1D layout (which is read
+        whole: those models are small)."""
+        if transposed:
+            return self.tensor(name).T[start:stop].contiguous()
+        path, dtype, shape, offset = self._entries[name]
+        row = math.prod(shape[1:]) * dtype.itemsize
+        data = bytearray((stop - start) * row)
+        with open(path, "rb") as f:
+            f.seek(offset + start * row)
+            f.readinto(data)
+        return torch.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:]).float()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.rows(name, 0, self._entries[name][2][0]) if self._entries[name][2] else torch.tensor(0.0)
+
+
+def quantize_in_slices(read_rows: Callable[[int, int], torch.Tensor], n: int, spec: QuantSpec) -> PackedWeight:
+    """Quantize an [n, K] weight ROWS_PER_SLICE rows at a time into preallocated storage (every
+    granularity we serve is per row or per group of a row, so slices quantize independently)."""
+    parts = [kernel_weights(quantize(read_rows(0, min(n, ROWS_PER_SLICE)), spec))]
+    first = parts[0]
+
+    def full(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.new_empty((n, *t.shape[1:]))
+
+    out = PackedWeight(full(first.qweight), full(first.scales), full(first.offsets), first.bits, first.zero)
+    for start in range(0, n, ROWS_PER_SLICE):
+        part = first if start == 0 else kernel_weights(quantize(read_rows(start, min(n, start + ROWS_PER_SLICE)), spec))
+        stop = start + part.qweight.shape[0]
+        out.qweight[start:stop], out.scales[start:stop] = part.qweight, part.scales
+        if out.offsets is not None:
+            out.offsets[start:stop] = part.offsets
+    return out
+
+
+def _set(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def load_quantized(source: str, converter_for: Callable[[str | None], LinearConverter], head_spec: QuantSpec,
+                   head_layer: Callable[[PackedWeight, torch.Tensor | None], torch.nn.Module],
+                   kept: tuple[str, ...]) -> torch.nn.Module | None:
+    """The model at `source` with every linear layer from `converter_for(name of the LM head)`
+    (those named in `kept` stay fp32), the input embedding quantized with `head_spec` (one
+    scale per row), and a tied LM head served by `head_layer` over the embedding's own int8
+    rows. None if the checkpoint cannot be streamed."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    checkpoint = Checkpoint(folder)
+    config = AutoConfig.from_pretrained(source)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, **FP32)
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    modules = dict(model.named_modules())
+    head_name = next((n for n, m in modules.items() if m is head), None)
+    embed_name = next(n for n, m in modules.items() if m is embedding)
+    convert = converter_for(head_name)
+    missing = sorted(n for n in names if n not in checkpoint and not (tied and n == f"{head_name}.weight"))
+    if missing:
+        logger.info("streaming load not possible (%d tensors not in the checkpoint, e.g. %s): loading fp32 first",
+                    len(missing), missing[0])
+        return None
+
+    with torch.no_grad():
+        done: set[str] = set()
+        embed_key = f"{embed_name}.weight"
+        n_vocab = checkpoint.shape(embed_key)[0]
+        if tied and head_name in kept:  # the kept head reads the fp32 table: no int8 copy of it
+            embedding.weight = torch.nn.Parameter(checkpoint.tensor(embed_key), requires_grad=False)
+        else:
+            packed = quantize_in_slices(lambda a, b: checkpoint.rows(embed_key, a, b), n_vocab, head_spec)
+            _set(model, embed_name, QuantizedEmbedding(packed.qweight, packed.scales))
+        done.add(embed_key)
+        release_freed_memory()
+        if tied:
+            bias = checkpoint.tensor(f"{head_name}.bias") if f"{head_name}.bias" in names else None
+            if head_name in kept:
+                head.weight = embedding.weight
+                _set(model, head_name, FullPrecisionLinear(head))
+            else:
+                _set(model, head_name, head_layer(packed, bias))
+            done |= {f"{head_name}.weight", f"{head_name}.bias"}
+
+        for name, module in list(model.named_modules()):
+            linear = as_linear(module)
+            if linear is None or f"{name}.weight" in done:
+                continue
+            conv1d = linear is not module  # GPT-2 stores the weight transposed
+            key = f"{name}.weight"
+            bias = checkpoint.tensor(f"{name}.bias") if f"{name}.bias" in names else None
+            if name in kept:
+                full = torch.nn.Linear(*checkpoint.shape(key, conv1d)[::-1], bias=bias is not None)
+                full.weight.copy_(checkpoint.rows(key, 0, checkpoint.shape(key, conv1d)[0], conv1d))
+                if bias is not None:
+                    full.bias.copy_(bias)
+                _set(model, name, FullPrecisionLinear(full))
+            else:
+                n = checkpoint.shape(key, conv1d)[0]
+                read = lambda a, b, key=key, conv1d=conv1d: checkpoint.rows(key, a, b, conv1d)  # noqa: E731
+                _set(model, name, convert(name, lambda spec, read=read, n=n: quantize_in_slices(read, n, spec), bias))
+            done |= {key, f"{name}.bias"}
+            release_freed_memory()
+
+        for name, param in list(model.named_parameters()):
+            if param.device.type == "meta":
+                parent_name, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), attr,
+                        torch.nn.Parameter(checkpoint.tensor(name), requires_grad=False))
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    return model.eval()
+

@@ -1,0 +1,79 @@
+// What ops.cpp hands to the per-ISA kernels (avx2.cpp, avx512.cpp): raw pointers only.
+//
+// The ISA files are compiled with their own target attributes (#pragma GCC target) and include
+// no torch header and use no std:: template, so no inline function compiled for AVX-512 can be
+// picked by the linker for code that runs on an AVX2-only host; their helpers have internal
+// linkage (anonymous namespace). ops.cpp checks shapes, picks the ISA at run time and
+// splits the output channels between threads.
+#pragma once
+#include <cstdint>
+
+namespace cpu_llm {
+
+constexpr int64_t kBlock = 32;  // activations are quantized in blocks of 32 values (as Q8_0)
+constexpr int kMaxTile = 4;     // activation rows sharing one pass over a weight row
+// Software prefetch distance for weights, in bytes. Measured on a 2-core Xeon VM (1 GB of int8
+// weights, batch 1): hardware prefetching alone streamed 6.9 GB/s per thread; see bench_kernels.
+#ifndef CPU_LLM_PREFETCH
+#define CPU_LLM_PREFETCH 1024
+#endif
+constexpr int64_t kPrefetch = CPU_LLM_PREFETCH;
+
+// Activations quantized to int8, one scale per block of kBlock values: x ~= q * scale.
+struct QuantActs {
+  const int8_t* q;     // [M, K]
+  const float* scale;  // [M, K / kBlock]
+  const float* sum;    // [M, K / kBlock]: scale * sum(q) over the block (the block's sum as quantized)
+  const float* group_sum;  // [M, groups of the weight]: `sum` added up over each weight group
+  int64_t M, K;
+};
+
+// Integer weights, one scale per group of columns: weight = stored * scale + offset, where
+// offset = offsets[g] when given, else -zero * scale (symmetric formats).
+//   bits 8: int8 [N, K];  bits 4: uint8 [N, K / 2], in each block of 32 values byte j holds
+//   value j in its low nibble and value j + 16 in its high nibble (unsigned 0..15).
+struct QuantWeights {
+  const uint8_t* data;
+  const void* scales;  // [N, groups], float32, or float16 when scales_fp16
+  bool scales_fp16;
+  const float* offsets;  // [N, groups] or nullptr
+  float zero;
+  int bits;
+  int64_t groups, K;
+
+  int64_t row_bytes() const { return bits == 8 ? K : K / 2; }
+  int64_t group() const { return K / groups; }
+};
+
+// Fills a QuantActs for x [M, K]: per block of kBlock, or one scale per row (per_row). AVX2 code
+// serves both ISAs: it is a small share of the time and rounds exactly as std::nearbyint.
+void quantize_acts_avx2(const float* x, int64_t M, int64_t K, bool per_row, int8_t* q, float* scale, float* sum);
+
+// y[m, n] for m < acts.M, n in [n0, n1): integer dot products on quantized activations.
+// scratch: (1 + kMaxTile) * K / kBlock floats of the calling thread (block scales).
+void qlinear_avx2(const QuantActs& acts, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
+                  float* scratch);
+void qlinear_avx512(const QuantActs& acts, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
+                    float* scratch);
+
+// Helpers of the integer kernels (AVX2 code, also called from the AVX-512 kernel):
+// wsb[b] = the weight scale of block b of row n; c[r][b] = activation scale x wsb[b] for `rows`
+// rows from m0; ofs[r] += sum over groups of (offset - shift * scale) x the group's activation sum.
+void block_scales_avx2(const QuantWeights& w, int64_t n, float* wsb);
+void combined_scales_avx2(const QuantActs& a, int64_t m0, int rows, const float* wsb, float* c);
+void add_offsets_avx2(const QuantActs& a, int64_t m0, int rows, const QuantWeights& w, int64_t n, const float* wsb,
+                      float shift, float* ofs);
+
+// y[m, n] with the weight dequantized in registers, fp32 activations and accumulation.
+void woq_f32_avx2(const float* x, int64_t M, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy);
+
+// Rows [n0, n1) of the fp32 weight (for the float GEMM of long prefills).
+void dequantize_avx2(const QuantWeights& w, int64_t n0, int64_t n1, float* out);
+
+// y[m, n] = dot(x[m], w[n]) for an fp32 weight [N, K] (matrix-vector products: decode).
+void linear_f32_avx2(const float* x, int64_t M, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy);
+void linear_f32_avx512(const float* x, int64_t M, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
+                       int64_t ldy);
+
+}  // namespace cpu_llm

@@ -1,0 +1,198 @@
+// The torch ops of cpu_llm_kernels (namespace torch.ops.cpu_llm): shape checks with clear
+// errors, the ISA picked at run time, output channels split between threads.
+//
+//   qlinear(x, qweight, scales, offsets, bits, zero, act_per_row, bias)
+//       int8/int4 weights x activations quantized to int8 on the fly (per block of 32, or per
+//       row for SmoothQuant's W8A8): integer dot products, fp32 result.
+//   woq_linear_f32(x, qweight, scales, offsets, bits, zero, bias)
+//       the same weights dequantized in registers, fp32 activations and accumulation.
+//   dequantize_into(qweight, scales, offsets, bits, zero, out)
+//       the fp32 weight, for the float GEMM of long prefills.
+//   linear_f32(x, weight, bias)
+//       fp32 matrix-vector products, for hosts whose BLAS is slow at decode shapes.
+//
+// This file is compiled for baseline x86-64; AVX2 and AVX-512 code lives in avx2.cpp and
+// avx512.cpp, compiled with their own target attributes, and is only called on CPUs that
+// report those features, so one build runs on every x86-64 host.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "isa.h"
+
+namespace cpu_llm {
+namespace {
+
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni")) {
+    return kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
+  return kNone;
+}
+
+const Isa kBestIsa = detect_isa();
+std::atomic<int> g_isa{kBestIsa};  // lowered by set_isa (tests run every path the host can)
+
+const char* isa_name(int isa) { return isa == kAvx512 ? "avx512-vnni" : isa == kAvx2 ? "avx2" : "none"; }
+
+Isa current_isa() {
+  const int isa = g_isa.load();
+  TORCH_CHECK(isa != kNone, "cpu_llm kernels need a CPU with AVX2, FMA and F16C; this one has none of those paths");
+  return static_cast<Isa>(isa);
+}
+
+constexpr int64_t kGrain = 16;  // output channels per task: enough work per thread, balanced on 2-16 cores
+
+void check_x(const torch::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), op,
+              ": x must be a contiguous float32 [M, K] tensor, got ", x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(x.size(1) == K, op, ": x has ", x.size(1), " columns but the weight has K = ", K);
+}
+
+QuantWeights weights(const torch::Tensor& qweight, const torch::Tensor& scales, const c10::optional<torch::Tensor>& offsets,
+                     int64_t bits, double zero, const char* op) {
+  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
+  const auto want = bits == 8 ? torch::kChar : torch::kByte;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == want && qweight.is_contiguous(), op, ": qweight must be a "
+              "contiguous ", bits == 8 ? "int8 [N, K]" : "uint8 [N, K/2]", " tensor, got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  const int64_t K = qweight.size(1) * (bits == 4 ? 2 : 1);
+  TORCH_CHECK(K % kBlock == 0, op, ": K must be a multiple of ", kBlock, ", got ", K);
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() && scales.size(0) == qweight.size(0) &&
+                  (scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf),
+              op, ": scales must be a contiguous float32 or float16 [N, groups] tensor with N = ", qweight.size(0),
+              ", got ", scales.scalar_type(), " ", scales.sizes());
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % kBlock == 0, op, ": ", groups, " groups do not split K = ", K,
+              " into groups of a multiple of ", kBlock, " columns");
+  const float* off = nullptr;
+  if (offsets.has_value() && offsets->defined()) {
+    TORCH_CHECK(offsets->scalar_type() == torch::kFloat && offsets->is_contiguous() && offsets->sizes() == scales.sizes(),
+                op, ": offsets must be a contiguous float32 tensor shaped like scales ", scales.sizes(), ", got ",
+                offsets->scalar_type(), " ", offsets->sizes());
+    off = offsets->data_ptr<float>();
+  }
+  return QuantWeights{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr(),
+                      scales.scalar_type() == torch::kHalf, off, static_cast<float>(zero), static_cast<int>(bits),
+                      groups, K};
+}
+
+torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, const char* op) {
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == y.size(1), op, ": bias must have ", y.size(1), " values, got ",
+                bias->sizes());
+    y.add_(*bias);
+  }
+  return y;
+}
+
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
+                      int64_t bits, double zero, bool act_per_row, c10::optional<torch::Tensor> bias) {
+  const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "qlinear");
+  check_x(x, w.K, "qlinear");
+  const Isa isa = current_isa();
+  const int64_t M = x.size(0), N = qweight.size(0), nb = w.K / kBlock, per_group = nb / w.groups;
+  // Plain buffers, not tensors: a decode step makes ~200 of these calls and a tensor allocation
+  // plus an op dispatch each cost microseconds.
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs, xsum, gsum;
+  xq.resize(M * w.K), xs.resize(M * nb), xsum.resize(M * nb), gsum.assign(M * w.groups, 0.f);
+  quantize_acts_avx2(x.data_ptr<float>(), M, w.K, act_per_row, xq.data(), xs.data(), xsum.data());
+  for (int64_t i = 0; i < M * nb; ++i) gsum[i / per_group] += xsum[i];  // per weight group, for the offsets
+  const QuantActs acts{xq.data(), xs.data(), xsum.data(), gsum.data(), M, w.K};
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> scratch((1 + kMaxTile) * nb);  // this thread's block scales
+    if (isa == kAvx512) qlinear_avx512(acts, w, n0, n1, yp, N, scratch.data());
+    else qlinear_avx2(acts, w, n0, n1, yp, N, scratch.data());
+  });
+  return finish(y, bias, "qlinear");
+}
+
+torch::Tensor woq_linear_f32(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                             c10::optional<torch::Tensor> offsets, int64_t bits, double zero,
+                             c10::optional<torch::Tensor> bias) {
+  const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "woq_linear_f32");
+  check_x(x, w.K, "woq_linear_f32");
+  current_isa();
+  const int64_t M = x.size(0), N = qweight.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { woq_f32_avx2(xp, M, w, n0, n1, yp, N); });
+  return finish(y, bias, "woq_linear_f32");
+}
+
+void dequantize_into(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets, int64_t bits,
+                     double zero, torch::Tensor out) {
+  const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "dequantize_into");
+  const int64_t N = qweight.size(0);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == N * w.K,
+              "dequantize_into: out must be a contiguous float32 tensor of ", N * w.K, " values, got ",
+              out.scalar_type(), " ", out.sizes());
+  current_isa();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { dequantize_avx2(w, n0, n1, dst); });
+}
+
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat && weight.is_contiguous(),
+              "linear_f32: weight must be a contiguous float32 [N, K] tensor, got ", weight.scalar_type(), " ",
+              weight.sizes());
+  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+  check_x(x, K, "linear_f32");
+  const Isa isa = current_isa();
+  auto y = torch::empty({M, N}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+    if (isa == kAvx512) linear_f32_avx512(xp, M, K, wp, n0, n1, yp, N);
+    else linear_f32_avx2(xp, M, K, wp, n0, n1, yp, N);
+  });
+  return finish(y, bias, "linear_f32");
+}
+
+}  // namespace
+}  // namespace cpu_llm
+
+TORCH_LIBRARY(cpu_llm, m) {
+  m.def("qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int bits, float zero, bool act_per_row, "
+        "Tensor? bias) -> Tensor");
+  m.def("woq_linear_f32(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int bits, float zero, "
+        "Tensor? bias) -> Tensor");
+  m.def("dequantize_into(Tensor qweight, Tensor scales, Tensor? offsets, int bits, float zero, Tensor(a!) out) -> ()");
+  m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cpu_llm, CPU, m) {
+  m.impl("qlinear", &cpu_llm::qlinear);
+  m.impl("woq_linear_f32", &cpu_llm::woq_linear_f32);
+  m.impl("dequantize_into", &cpu_llm::dequantize_into);
+  m.impl("linear_f32", &cpu_llm::linear_f32);
+}
+
+// The Python module only reports and selects the ISA; the ops above are what callers use.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", [] { return std::string(cpu_llm::isa_name(cpu_llm::g_isa.load())); },
+        "the instruction set the ops run on");
+  m.def("supported_isas", [] {
+    std::vector<std::string> out;
+    for (int isa = cpu_llm::kBestIsa; isa > cpu_llm::kNone; --isa) out.emplace_back(cpu_llm::isa_name(isa));
+    return out;
+  }, "the instruction sets this CPU can run, best first");
+  m.def("set_isa", [](const std::string& name) {
+    for (int isa = cpu_llm::kBestIsa; isa > cpu_llm::kNone; --isa) {
+      if (name == cpu_llm::isa_name(isa)) { cpu_llm::g_isa.store(isa); return; }
+    }
+    TORCH_CHECK(false, "set_isa: '", name, "' is not supported on this CPU (best: ", cpu_llm::isa_name(cpu_llm::kBestIsa), ")");
+  }, "run the ops on a lower instruction set than the best (tests)");
+}

@@ -1,0 +1,199 @@
+"""Decode speed and memory of every native mode side by side with llama.cpp on identical weights.
+
+    python scripts/bench_peer.py                                  # make bench-peer: SmolLM2 and a 1B Llama shape
+    python scripts/bench_peer.py --models models/SmolLM2-135M-Instruct --threads 2
+
+For each model folder: llama.cpp's `llama-bench` decodes 64 tokens on GGUF F32 / Q8_0 / Q4_0
+made from the same safetensors, and our served path (load_for_serving, the server's own
+prefill/decode functions) decodes 64 tokens after a 32-token prompt in fp32, WoQ INT8, WoQ INT4
+and SmoothQuant, each in a fresh process. Printed side by side: tokens/s at batch 1 with the
+ratio to the llama.cpp counterpart (fp32 vs F32, INT8 and SmoothQuant vs Q8_0, INT4 vs Q4_0),
+batch 8 aggregate and its ratio to batch 1, the weights' read bandwidth achieved as a share of
+the machine's bandwidth measured in the same run, peak RSS while loading and quantizing, and
+RSS while serving. With --accuracy, also perplexity of each mode beside llama.cpp's on the same
+held-out text (eval/python-reference.txt, scored the same way).
+
+llama.cpp is a peer for this comparison only: it is built from the llama-cpp-python sdist and
+the GGUFs are converted by ../shared/peer/ (build_llama_cpp.sh, to_gguf.sh, make_shape_model.py),
+into --work (default /tmp/llama.cpp-peer); nothing of it is used at run time. Run on a quiet
+machine: anything else on the CPU changes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handlers"))
+sys.path.insert(0, str(ROOT / "scripts"))
+from cpu_llm.config import parse_serving_config  # noqa: E402
+from cpu_llm.quantize import load_for_serving  # noqa: E402
+from evaluate import (TEXT, bytes_read_per_step, evaluate_all, memory_bandwidth_gb_s,  # noqa: E402
+                      peak_rss_mib, perplexity_change, speed)
+
+PEER = ROOT.parent / "shared" / "peer"
+MODES = [  # (our config, the llama.cpp format it is compared with)
+    ("configs/model-config.yaml", "F32"), ("configs/woq-int8.yaml", "Q8_0"),
+    ("configs/woq-int4.yaml", "Q4_0"), ("configs/smoothquant.yaml", "Q8_0"),
+]
+SHAPE_1B = "llama-1b-shape"  # hidden 2048, 16 layers, FFN 8192, GQA 32/8, tied: 1.07B parameters
+
+
+def run(cmd: list[str], **kwargs) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs).stdout
+
+
+def prepare_peer(work: Path, models: list[Path]) -> dict[Path, Path]:
+    """llama.cpp built, and each model's GGUFs (prefix per model folder)."""
+    run(["bash", str(PEER / "build_llama_cpp.sh"), str(work)])
+    prefixes = {}
+    for model in models:
+        prefix = work / "gguf" / model.name
+        if not all(Path(f"{prefix}-{t}.gguf").is_file() for t in ("F32", "Q8_0", "Q4_0")):
+            prefix.parent.mkdir(parents=True, exist_ok=True)
+            print(f"converting {model} to GGUF F32/Q8_0/Q4_0 ...", flush=True)
+            run(["bash", str(PEER / "to_gguf.sh"), str(model), str(prefix), sys.executable, str(work)])
+        prefixes[model] = prefix
+    return prefixes
+
+
+def llama_bench(work: Path, gguf: Path, threads: int) -> float:
+    """llama.cpp's decode tokens/s (tg64, mean of 3 repetitions)."""
+    out = run([str(work / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", "64",
+               "-r", "3", "-o", "json"])
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def llama_perplexity(work: Path, gguf: Path, text: Path, threads: int) -> tuple[float, float]:
+    """llama.cpp's perplexity and its +- (windows of 128 tokens, second halves scored)."""
+    out = subprocess.run([str(work / "bin" / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "128",
+                          "-b", "128", "-t", str(threads)], check=True, capture_output=True, text=True)
+    match = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", out.stdout + out.stderr)
+    if match is None:
+        raise RuntimeError(f"llama-perplexity printed no estimate:\n{(out.stdout + out.stderr)[-2000:]}")
+    return float(match.group(1)), float(match.group(2))
+
+
+def accuracy_table(work: Path, model: Path, prefix: Path, threads: int) -> str:
+    """Perplexity of each of our modes (scripts/evaluate.py) beside llama.cpp's on the same text."""
+    rows = evaluate_all([ROOT / config for config, _ in MODES], model, backend="native", text=TEXT)
+    lines = [f"### perplexity on {TEXT.relative_to(ROOT)} ({rows[0]['scored_tokens']} scored tokens), {model.name}", "",
+             "| ours | perplexity [95 %] | vs fp32 [95 %, paired] | llama.cpp | perplexity +- | vs F32 |",
+             "|---|---|---|---|---|---|"]
+    peers = {fmt: llama_perplexity(work, Path(f"{prefix}-{fmt}.gguf"), TEXT, threads) for fmt in ("F32", "Q8_0", "Q4_0")}
+    for (config, fmt), r in zip(MODES, rows):
+        ppl, err = peers[fmt]
+        change, low, high = perplexity_change(r, rows[0])
+        lines.append(f"| {Path(config).stem} | {r['perplexity']:.2f} [{r['perplexity_low']:.2f}, "
+                     f"{r['perplexity_high']:.2f}] | {change:+.1f} % [{low:+.1f}, {high:+.1f}] | "
+                     f"{fmt} | {ppl:.2f} +- {err:.2f} | {100 * (ppl / peers['F32'][0] - 1):+.1f} % |")
+    return "\n".join(lines)
+
+
+def ours(config_path: Path, model_dir: Path, threads: int) -> dict:
+    """One mode in this process: load as the server does, then decode at batch 1 and 8."""
+    raw = yaml.safe_load(config_path.read_text())
+    raw.setdefault("quantization", {})["backend"] = "native"
+    raw["handler"]["num_threads"] = threads
+    config = parse_serving_config(raw)
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    served, info = load_for_serving(str(model_dir), config.quantization, str(ROOT))
+    row = {"load_s": round(time.perf_counter() - started, 1),
+           "peak_rss_load_mib": round(peak_rss_mib()),
+           "rss_mib": round(psutil.Process().memory_info().rss / 2**20),
+           "step_bytes": bytes_read_per_step(served), "report": served.report}
+    for batch in (1, 8):
+        row.update(speed(served, info.pad_id, batch))
+    row["serving_rss_mib"] = round(psutil.Process().memory_info().rss / 2**20)
+    return row
+
+
+def ours_isolated(config: Path, model_dir: Path, threads: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, "--single", str(config), "--model-dir", str(model_dir),
+                        "--threads", str(threads), "--out", out.name], check=True)
+        return json.loads(Path(out.name).read_text())
+
+
+def table(model: Path, rows: list[tuple[str, str, dict, float, float]], bandwidth: float) -> str:
+    lines = [f"### {model.name}",
+             "",
+             "| ours | tok/s b1 | llama.cpp | tok/s | ours / llama.cpp | ours GB/s b1 (share of machine) | "
+             "llama.cpp GB/s | tok/s b8 (x b1) | peak RSS load MiB | RSS serving MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for config, fmt, r, peer, peer_bytes in rows:
+        b1, b8 = r["decode_tok_s_b1"], r["decode_tok_s_b8"]
+        gb = r["step_bytes"] * b1 / 1e9
+        lines.append(f"| {Path(config).stem} | {b1:.1f} | {fmt} | {peer:.1f} | **{b1 / peer:.2f}x** | "
+                     f"{gb:.1f} ({100 * gb / bandwidth:.0f} %) | {peer_bytes * peer / 1e9:.1f} | "
+                     f"{b8:.1f} ({b8 / b1:.1f}x) | {r['peak_rss_load_mib']} | {r['serving_rss_mib']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="*", type=Path,
+                        help=f"HF model folders (default: the default model and a 1B shape made in --work)")
+    parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"))
+    parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="also perplexity of ours vs llama.cpp on eval/python-reference.txt (first model)")
+    parser.add_argument("--single", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.single:
+        args.out.write_text(json.dumps(ours(args.single, args.model_dir, args.threads)))
+        return
+    models = args.models
+    if not models:
+        shape = args.work / SHAPE_1B
+        if not (shape / "config.json").is_file():
+            print(f"making the 1B Llama shape (random weights) in {shape} ...", flush=True)
+            run([sys.executable, str(PEER / "make_shape_model.py"), "--out", str(shape),
+                 "--tokenizer-from", str(ROOT / "models" / "SmolLM2-135M-Instruct")])
+        models = [ROOT / "models" / "SmolLM2-135M-Instruct", shape]
+    prefixes = prepare_peer(args.work, models)
+    bandwidth = memory_bandwidth_gb_s(args.threads)
+    print(f"machine read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); "
+          f"CPU: {psutil.cpu_count()} logical, torch ISA {torch.backends.cpu.get_cpu_capability()}", flush=True)
+    tables = []
+    for model in models:
+        rows = []
+        peers = {}
+        for config, fmt in MODES:
+            gguf = Path(f"{prefixes[model]}-{fmt}.gguf")
+            if fmt not in peers:
+                peers[fmt] = llama_bench(args.work, gguf, args.threads)
+            r = ours_isolated(ROOT / config, model, args.threads)
+            rows.append((config, fmt, r, peers[fmt], gguf.stat().st_size))
+            print(f"{model.name} {Path(config).stem}: {r['decode_tok_s_b1']:.1f} tok/s vs llama.cpp {fmt} "
+                  f"{peers[fmt]:.1f}; kernels {r['report'].get('kernels', r['report'].get('fp32_matvec'))}",
+                  flush=True)
+        tables.append(table(model, rows, bandwidth))
+    if args.accuracy:
+        tables.append(accuracy_table(args.work, models[0], prefixes[models[0]], args.threads))
+    text = (f"Machine read bandwidth measured in this run: {bandwidth:.1f} GB/s, {args.threads} threads. "
+            "Batch-1 decode of 64 tokens; ours after a 32-token prompt, llama.cpp's tg64.\n\n" + "\n\n".join(tables))
+    print()
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The compiled kernels (torch.ops.cpu_llm) against their PyTorch reference twins, on every
+instruction set this host can run, odd shapes included; their shape checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpu_llm import ops
+from cpu_llm.quantlib import QuantSpec, kernel_weights, quantize
+
+pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="kernels not built")
+
+ISAS = ops.supported_isas() or ["none"]
+SPECS = [QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "symmetric", "group", 64, "float16"),
+         QuantSpec(8, "affine", "group", 32), QuantSpec(4, "symmetric", "group", 32, "float16"),
+         QuantSpec(4, "affine", "group", 64), QuantSpec(4, "symmetric", "channel")]
+# (N, K): K not a multiple of 64 (an odd number of blocks), N of 1, N not a multiple of the grain.
+SHAPES = [(80, 96), (1, 64), (17, 160), (33, 256)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    best = ops.current_isa()
+    ops.set_isa(request.param)
+    yield request.param
+    ops.set_isa(best)
+
+
+def _weight(n: int, k: int) -> torch.Tensor:
+    torch.manual_seed(n * 1000 + k)
+    return torch.randn(n, k) * 0.05
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-4) -> None:
+    scale = expected.abs().max().clamp(min=1.0)
+    assert float((actual - expected).abs().max() / scale) < tol, float((actual - expected).abs().max())
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 64])
+def test_integer_kernel_matches_reference(isa, spec, n, k, rows):
+    if k % spec.group_size if spec.group_size else False:
+        pytest.skip("group does not divide K")
+    packed = kernel_weights(quantize(_weight(n, k), spec))
+    x = torch.randn(rows, k) * torch.logspace(-2, 1, rows)[:, None]
+    bias = torch.randn(n)
+    for per_row in (False, True):
+        expected = ops.qlinear(x, packed, per_row, bias, use_kernel=False)
+        _close(ops.qlinear(x, packed, per_row, bias, use_kernel=True), expected)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("rows", [1, 5, 32])
+def test_fp32_compute_kernel_and_dequantize_match_reference(isa, spec, rows):
+    n, k = 48, 192
+    packed = kernel_weights(quantize(_weight(n, k), spec))
+    x = torch.randn(rows, k)
+    _close(ops.woq_linear_f32(x, packed, None, use_kernel=True), x @ packed.dequantize().T)
+    torch.testing.assert_close(ops.dequantize_shared(packed, use_kernel=True), packed.dequantize(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k", [(1, 8), (7, 100), (64, 2048), (5, 33)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 6])
+def test_fp32_matvec_matches_torch(isa, n, k, rows):
+    w, x, bias = torch.randn(n, k), torch.randn(rows, k), torch.randn(n)
+    torch.testing.assert_close(ops.linear_f32(x, w, bias), x @ w.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_each_row_is_bitwise_independent_of_its_batch(isa):
+    packed = kernel_weights(quantize(_weight(40, 128), SPECS[3]))
+    batch = torch.randn(9, 128) * torch.logspace(-2, 2, 9)[:, None]
+    together = ops.qlinear(batch, packed, False, None, use_kernel=True)
+    for row in range(9):
+        assert torch.equal(ops.qlinear(batch[row:row + 1], packed, False, None, use_kernel=True)[0], together[row])
+
+
+def test_isas_agree_closely():
+    packed = kernel_weights(quantize(_weight(64, 512), SPECS[0]))
+    x = torch.randn(3, 512)
+    results = []
+    for name in ISAS:
+        ops.set_isa(name)
+        results.append(ops.qlinear(x, packed, False, None, use_kernel=True))
+    ops.set_isa(ISAS[0])
+    for other in results[1:]:
+        _close(other, results[0], 1e-5)
+
+
+def test_shape_and_type_errors_name_the_argument():
+    packed = kernel_weights(quantize(_weight(16, 64), SPECS[0]))
+    op = torch.ops.cpu_llm.qlinear
+    with pytest.raises(RuntimeError, match="x has 32 columns but the weight has K = 64"):
+        op(torch.randn(1, 32), packed.qweight, packed.scales, None, 8, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        op(torch.randn(1, 64).double(), packed.qweight, packed.scales, None, 8, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="bits must be 8 or 4"):
+        op(torch.randn(1, 64), packed.qweight, packed.scales, None, 3, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="qweight must be a contiguous int8"):
+        op(torch.randn(1, 64), packed.qweight.float(), packed.scales, None, 8, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 32"):
+        op(torch.randn(1, 48), torch.zeros(2, 48, dtype=torch.int8), torch.ones(2, 1), None, 8, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="offsets must be a contiguous float32 tensor shaped like scales"):
+        op(torch.randn(1, 64), packed.qweight, packed.scales, torch.zeros(3), 8, 0.0, False, None)
+    with pytest.raises(RuntimeError, match="bias must have 16 values"):
+        op(torch.randn(1, 64), packed.qweight, packed.scales, None, 8, 0.0, False, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="set_isa: 'sse2' is not supported"):
+        ops.set_isa("sse2")
+
+
+def test_ops_trace_into_compiled_graphs_through_their_fake_kernels():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    packed = kernel_weights(quantize(_weight(16, 64), SPECS[0]))
+
+    def fn(x, qweight, scales, weight):
+        y = torch.ops.cpu_llm.qlinear(x, qweight, scales, None, 8, 0.0, False, None)
+        return torch.ops.cpu_llm.linear_f32(y.relu(), weight, None)
+
+    args = (torch.randn(2, 64), packed.qweight, packed.scales, torch.randn(8, 16))
+    graph = make_fx(fn, tracing_mode="fake")(*args)
+    assert "cpu_llm.qlinear" in graph.code and "cpu_llm.linear_f32" in graph.code
+    torch.testing.assert_close(graph(*args), fn(*args))
