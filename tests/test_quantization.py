@@ -62,8 +62,10 @@ def _assert_rows_independent(served, info, config):
     with torch.inference_mode():
         alone = prefill(served.model, *left_pad(prompts[:1], info.pad_id), served.new_cache(1))[0]
         batch = prefill(served.model, *left_pad(prompts, info.pad_id), served.new_cache(2))[0]
-    int8_compute = any(getattr(m, "compute", None) == "int8" or getattr(m, "kind", None) == "w8a8"
-                       for m in served.model.modules())
+    q = config.quantization
+    int8_compute = (any(getattr(m, "compute", None) == "int8" or getattr(m, "kind", None) == "w8a8"
+                        for m in served.model.modules())
+                    or (served.backend == "ipex" and q.method == "woq" and q.woq.lowp_mode in ("AUTO", "INT8")))
     if not int8_compute:
         assert float((alone[0] - batch[0]).abs().max()) < 1e-4
 
