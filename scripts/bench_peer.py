@@ -88,10 +88,12 @@ def llama_perplexity(work: Path, gguf: Path, text: Path, threads: int) -> tuple[
 def accuracy_table(work: Path, model: Path, prefix: Path, threads: int) -> str:
     """Perplexity of each of our modes (scripts/evaluate.py) beside llama.cpp's on the same text."""
     rows = evaluate_all([ROOT / config for config, _ in MODES], model, backend="native", text=TEXT)
-    lines = [f"### perplexity on {TEXT.relative_to(ROOT)} ({rows[0]['scored_tokens']} scored tokens), {model.name}", "",
+    lines = [f"### perplexity on {TEXT.relative_to(ROOT)} ({rows[0]['scored_tokens']} scored tokens), "
+             f"{model.name}", "",
              "| ours | perplexity [95 %] | vs fp32 [95 %, paired] | llama.cpp | perplexity +- | vs F32 |",
              "|---|---|---|---|---|---|"]
-    peers = {fmt: llama_perplexity(work, Path(f"{prefix}-{fmt}.gguf"), TEXT, threads) for fmt in ("F32", "Q8_0", "Q4_0")}
+    peers = {fmt: llama_perplexity(work, Path(f"{prefix}-{fmt}.gguf"), TEXT, threads)
+             for fmt in ("F32", "Q8_0", "Q4_0")}
     for (config, fmt), r in zip(MODES, rows):
         ppl, err = peers[fmt]
         change, low, high = perplexity_change(r, rows[0])

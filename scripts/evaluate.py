@@ -254,8 +254,8 @@ def markdown_table(rows: list[dict], bandwidth: float | None = None) -> str:
     as a share of the machine's `bandwidth` (GB/s) measured in the same run."""
     base = rows[0]
     with_speed = "decode_tok_s_b1" in base
-    header = ("| config | backend | perplexity [95 % interval] | vs first [95 % interval] | greedy agreement | RSS MiB |"
-              " weights MiB | load s |")
+    header = ("| config | backend | perplexity [95 % interval] | vs first [95 % interval] | greedy agreement |"
+              " RSS MiB | weights MiB | load s |")
     if with_speed:
         header += (" decode tok/s b1 | decode tok/s b8 | prefill tok/s b1 | prefill tok/s b8 | peak RSS MiB |"
                    " weights GB/s b1 | weights GB/s b8 |")

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from .model import FP32
-from .quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear
+from .quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear, set_module
 from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
 logger = logging.getLogger(__name__)
@@ -119,25 +119,19 @@ class Checkpoint:
 def quantize_in_slices(read_rows: Callable[[int, int], torch.Tensor], n: int, spec: QuantSpec) -> PackedWeight:
     """Quantize an [n, K] weight ROWS_PER_SLICE rows at a time into preallocated storage (every
     granularity we serve is per row or per group of a row, so slices quantize independently)."""
-    parts = [kernel_weights(quantize(read_rows(0, min(n, ROWS_PER_SLICE)), spec))]
-    first = parts[0]
+    first = kernel_weights(quantize(read_rows(0, min(n, ROWS_PER_SLICE)), spec))
 
     def full(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.new_empty((n, *t.shape[1:]))
 
     out = PackedWeight(full(first.qweight), full(first.scales), full(first.offsets), first.bits, first.zero)
     for start in range(0, n, ROWS_PER_SLICE):
-        part = first if start == 0 else kernel_weights(quantize(read_rows(start, min(n, start + ROWS_PER_SLICE)), spec))
-        stop = start + part.qweight.shape[0]
+        stop = min(n, start + ROWS_PER_SLICE)
+        part = first if start == 0 else kernel_weights(quantize(read_rows(start, stop), spec))
         out.qweight[start:stop], out.scales[start:stop] = part.qweight, part.scales
         if out.offsets is not None:
             out.offsets[start:stop] = part.offsets
     return out
-
-
-def _set(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def load_quantized(source: str, converter_for: Callable[[str | None], LinearConverter], head_spec: QuantSpec,
@@ -176,16 +170,16 @@ def load_quantized(source: str, converter_for: Callable[[str | None], LinearConv
             embedding.weight = torch.nn.Parameter(checkpoint.tensor(embed_key), requires_grad=False)
         else:
             packed = quantize_in_slices(lambda a, b: checkpoint.rows(embed_key, a, b), n_vocab, head_spec)
-            _set(model, embed_name, QuantizedEmbedding(packed.qweight, packed.scales))
+            set_module(model, embed_name, QuantizedEmbedding(packed.qweight, packed.scales))
         done.add(embed_key)
         release_freed_memory()
         if tied:
             bias = checkpoint.tensor(f"{head_name}.bias") if f"{head_name}.bias" in names else None
             if head_name in kept:
                 head.weight = embedding.weight
-                _set(model, head_name, FullPrecisionLinear(head))
+                set_module(model, head_name, FullPrecisionLinear(head))
             else:
-                _set(model, head_name, head_layer(packed, bias))
+                set_module(model, head_name, head_layer(packed, bias))
             done |= {f"{head_name}.weight", f"{head_name}.bias"}
 
         for name, module in list(model.named_modules()):
@@ -200,11 +194,12 @@ def load_quantized(source: str, converter_for: Callable[[str | None], LinearConv
                 full.weight.copy_(checkpoint.rows(key, 0, checkpoint.shape(key, conv1d)[0], conv1d))
                 if bias is not None:
                     full.bias.copy_(bias)
-                _set(model, name, FullPrecisionLinear(full))
+                set_module(model, name, FullPrecisionLinear(full))
             else:
                 n = checkpoint.shape(key, conv1d)[0]
                 read = lambda a, b, key=key, conv1d=conv1d: checkpoint.rows(key, a, b, conv1d)  # noqa: E731
-                _set(model, name, convert(name, lambda spec, read=read, n=n: quantize_in_slices(read, n, spec), bias))
+                pack = lambda spec, read=read, n=n: quantize_in_slices(read, n, spec)  # noqa: E731
+                set_module(model, name, convert(name, pack, bias))
             done |= {key, f"{name}.bias"}
             release_freed_memory()
 

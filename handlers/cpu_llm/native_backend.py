@@ -27,7 +27,7 @@ from .errors import ConfigError, QuantizationError
 from .loader import LinearConverter
 from .quant_config import SECTION, QuantizationConfig, WoqConfig
 from .quantized_linear import (FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
-                               replace_linears)
+                               replace_linears, set_module)
 from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,6 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module | None) -> str 
     return next((name for name, m in model.named_modules() if m is module), None)
 
 
-def _set(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
-
-
 def quantize_embeddings(model: torch.nn.Module, q: QuantizationConfig) -> None:
     """Input embedding -> int8 rows; a tied LM head (not kept in fp32) shares them."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -117,9 +112,9 @@ def quantize_embeddings(model: torch.nn.Module, q: QuantizationConfig) -> None:
     if tied and head_name in q.keep_full_precision:
         return  # the kept head reads the fp32 table: a second, int8 copy would only cost memory
     packed = kernel_weights(quantize(embedding.weight, HEAD_SPEC))
-    _set(model, _module_name(model, embedding), QuantizedEmbedding(packed.qweight, packed.scales))
+    set_module(model, _module_name(model, embedding), QuantizedEmbedding(packed.qweight, packed.scales))
     if tied:
-        _set(model, head_name, head_layer(q)(packed, head.bias))
+        set_module(model, head_name, head_layer(q)(packed, head.bias))
 
 
 def quantize_w8a8(model: torch.nn.Module) -> None:
@@ -186,7 +181,7 @@ def fp32_matvec(model: torch.nn.Module) -> dict[str, object]:
     if use_ours:
         for name, module in list(model.named_modules()):
             if type(module) is torch.nn.Linear:
-                _set(model, name, FullPrecisionLinear(module, use_kernel=True))
+                set_module(model, name, FullPrecisionLinear(module, use_kernel=True))
             elif isinstance(module, FullPrecisionLinear):
                 module.use_kernel = True
     return {"fp32_matvec": f"{'cpu_llm' if use_ours else 'torch'} (up to {FP32_KERNEL_MAX_ROWS} rows; "

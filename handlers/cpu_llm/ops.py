@@ -20,7 +20,8 @@ except ImportError:  # not built (no compiler at install time, or built for anot
     _kernels = None
 
 BLOCK = 32  # activations are quantized in blocks of 32 values (kernels/csrc/isa.h)
-BUILD_COMMAND = "make install STACK=<stack> (or: pip install --no-build-isolation --force-reinstall --no-deps ./kernels)"
+BUILD_COMMAND = ("make install STACK=<stack> "
+                 "(or: pip install --no-build-isolation --force-reinstall --no-deps ./kernels)")
 
 
 def kernels_available() -> bool:

@@ -150,6 +150,12 @@ def as_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
     return None
 
 
+def set_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put `module` at dotted path `name` of `model` (replacing what was there)."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
 def replace_linears(model: torch.nn.Module, convert: Callable[[str, torch.nn.Linear], torch.nn.Module]) -> list[str]:
     """Replace every linear layer of `model` by `convert(name, linear)`; returns the names replaced.
 
@@ -159,7 +165,5 @@ def replace_linears(model: torch.nn.Module, convert: Callable[[str, torch.nn.Lin
     targets = [(name, linear) for name, module in model.named_modules()
                if (linear := as_linear(module)) is not None]
     for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, convert(name, linear))
+        set_module(model, name, convert(name, linear))
     return [name for name, _ in targets]

@@ -101,7 +101,8 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     scale = scale.abs().clamp(min=1e-12)  # an all-zero group quantizes to zeros, not NaN
     if spec.scale_dtype == "float16":  # magnitude rounded up, so the range still covers every value
         half = scale.clamp(FP16_TINY, 65504.0).half()
-        half = torch.where(half.float() < scale, torch.nextafter(half, torch.tensor(torch.inf, dtype=half.dtype)), half)
+        up = torch.nextafter(half, torch.tensor(torch.inf, dtype=half.dtype))
+        half = torch.where(half.float() < scale, up, half)
         scale = half.float()
     scale = scale * sign
     if spec.scheme == "affine" and spec.scale_dtype == "float16":
