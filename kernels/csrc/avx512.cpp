@@ -17,6 +17,8 @@
 namespace cpu_llm {
 namespace {
 
+#include "tiles.h"
+
 // Blocks b and b + 1 as 64 unsigned bytes.
 template <int BITS>
 inline __m512i load_pair(const uint8_t* row, int64_t b) {
@@ -88,14 +90,7 @@ void qlinear_bits(const QuantActs& a, const QuantWeights& w, int64_t n0, int64_t
   float *wsb = scratch, *c = wsb + nb;
   for (int64_t n = n0; n < n1; ++n) {
     block_scales_avx2(w, n, wsb);
-    int64_t m = 0;
-    for (; m + 4 <= a.M; m += 4) qlinear_tile<BITS, 4>(a, m, w, n, wsb, c, y, ldy);
-    switch (a.M - m) {
-      case 3: qlinear_tile<BITS, 3>(a, m, w, n, wsb, c, y, ldy); break;
-      case 2: qlinear_tile<BITS, 2>(a, m, w, n, wsb, c, y, ldy); break;
-      case 1: qlinear_tile<BITS, 1>(a, m, w, n, wsb, c, y, ldy); break;
-      default: break;
-    }
+    for_each_tile(a.M, [&]<int R>(int64_t m) { qlinear_tile<BITS, R>(a, m, w, n, wsb, c, y, ldy); });
   }
 }
 
@@ -133,14 +128,7 @@ void qlinear_avx512(const QuantActs& acts, const QuantWeights& w, int64_t n0, in
 void linear_f32_avx512(const float* x, int64_t M, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
                        int64_t ldy) {
   for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) linear_f32_tile<4>(x, m, K, w + n * K, n, y, ldy);
-    switch (M - m) {
-      case 3: linear_f32_tile<3>(x, m, K, w + n * K, n, y, ldy); break;
-      case 2: linear_f32_tile<2>(x, m, K, w + n * K, n, y, ldy); break;
-      case 1: linear_f32_tile<1>(x, m, K, w + n * K, n, y, ldy); break;
-      default: break;
-    }
+    for_each_tile(M, [&]<int R>(int64_t m) { linear_f32_tile<R>(x, m, K, w + n * K, n, y, ldy); });
   }
 }
 
