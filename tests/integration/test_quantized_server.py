@@ -1,10 +1,10 @@
 """Each shipped quantization config, packaged and served by a real TorchServe.
 
-The configs say `backend: auto`: IPEX on the ipex stack, the native backend on the native one."""
+The configs say `backend: auto`: IPEX on the ipex stack where the CPU has AMX, else the native
+backend (quantize.resolve_backend)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -13,19 +13,20 @@ import pytest
 import requests
 import yaml
 
-from cpu_llm import quantize
+from cpu_llm import ops, quantize
+from cpu_llm.quant_config import parse_quantization_config
 from serve import ROOT
 
 from .server import package, running_server
 
 pytestmark = pytest.mark.integration
 MODES = ("woq-int8", "woq-int4", "smoothquant")
-BACKEND = "ipex" if importlib.util.find_spec("intel_extension_for_pytorch") else "native"
-# What each backend's report says the linear layers became (IPEX fuses q/k/v and gate/up).
+BACKEND = quantize.resolve_backend(parse_quantization_config({"method": "woq"}))  # what auto picks here
+# What each backend's report says the linear layers became, lm_head included (IPEX fuses q/k/v and gate/up).
 EXPECTED_MODULES = {
-    "ipex": {"woq-int8": {"WeightOnlyQuantizedLinear": 150}, "woq-int4": {"WeightOnlyQuantizedLinear": 150},
+    "ipex": {"woq-int8": {"WeightOnlyQuantizedLinear": 151}, "woq-int4": {"WeightOnlyQuantizedLinear": 151},
              "smoothquant": {"int8 linear ops in IPEX traced graph": 151}},
-    "native": {"woq-int8": {"QuantizedLinear": 210}, "woq-int4": {"QuantizedLinear": 210},
+    "native": {"woq-int8": {"QuantizedLinear": 211}, "woq-int4": {"QuantizedLinear": 211},
                "smoothquant": {"QuantizedLinear": 211}},
 }
 
@@ -62,7 +63,8 @@ def test_every_mode_is_served_quantized_and_smoothquant_calibration_is_reused(tm
         assert {k: v for k, v in reports[mode]["linear_modules"].items() if k in modules} == modules, mode
         assert reports[mode]["backend"] == BACKEND
     if BACKEND == "native":
-        assert all(r["kernels"] == "cpu_llm_kernels (AVX2)" for r in reports.values())
+        assert all(r["kernels"] == ops.kernel_status() and r["kernels"].startswith("cpu_llm_kernels (")
+                   for r in reports.values())
     assert len(list((tmp_path / "cache" / "smoothquant").glob("*.json"))) == 1
 
     # A restart finds the cached calibration instead of calibrating again.
