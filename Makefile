@@ -22,7 +22,7 @@ help:  ## this list
 	  | sed -E 's/^([a-z-]+):.*## /\1\t/' | awk -F'\t' '{ printf "  %-16s %s\n", $$1, $$2 }'
 
 install: $(VENV)/.installed  ## create .venv/<stack> from requirements/<stack>.lock (torch from the CPU wheel index if reachable)
-$(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh $(wildcard kernels/csrc/*) kernels/setup.py
+$(VENV)/.installed: requirements/$(STACK).lock requirements/model.txt scripts/install.sh scripts/torch_index.py $(wildcard kernels/csrc/*) kernels/setup.py
 	bash scripts/install.sh $(STACK)
 
 model: $(MODEL)  ## convert the default model (SmolLM2-135M-Instruct, GGUF) into models/
