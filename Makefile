@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 MODEL_DIR := models/SmolLM2-135M-Instruct
 MODEL := $(MODEL_DIR)/model.safetensors
 ARCHIVE := model-store/smollm2.mar
-HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py)
+HANDLER_SOURCES := $(wildcard handlers/*.py handlers/cpu_llm/*.py handlers/cpu_llm/*/*.py)
 
 .PHONY: help install model archive serve stop test unit evaluate bench bench-peer bench-batching quant-report report lock clean
 QUANT_CONFIGS := configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml

@@ -34,6 +34,8 @@ from cpu_llm.quantized_linear import parameter_count
 from cpu_llm.request import RequestError
 from cpu_llm.responses import Reply
 from cpu_llm.routes import Api, Router
+from cpu_llm.runner.model_runner import attach_runner
+from cpu_llm.runner.slot_engine import SlotEngine
 from cpu_llm.serving_metrics import ServingMetrics
 from cpu_llm.text_stream import TextStream
 
@@ -54,13 +56,17 @@ class LLMHandler(BaseHandler):
         self.served, self.tokenizer_info = load_for_serving(source, self.config.quantization,
                                                             context.system_properties["model_dir"],
                                                             self.config.continuous_batching)
-        params = parameter_count(self.served.model)
         check_context_length(self.config, max_positions(self.served))
+        attach_runner(self.served, self.config.runner, self.config.batch_size,
+                      self.config.max_prompt_tokens + self.config.max_new_tokens, self.config.prefill_chunk_tokens)
+        params = parameter_count(self.served.model)
         self.metrics = ServingMetrics(context.metrics)
         self.router = Router(self.manifest.get("model", {}).get("modelName", "model"))
         self.session = None
         if self.config.continuous_batching:
-            engine = ContinuousEngine(self.served.model, self.tokenizer_info, self.config.request_timeout_s)
+            engine = (SlotEngine(self.served.runner, self.tokenizer_info, self.config.request_timeout_s)
+                      if self.served.runner is not None
+                      else ContinuousEngine(self.served.model, self.tokenizer_info, self.config.request_timeout_s))
             self.session = ContinuousSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
                                              on_step=self.metrics.step)
         logger.info(

@@ -38,9 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from cpu_llm.config import parse_serving_config  # noqa: E402
-from cpu_llm.quantize import load_for_serving  # noqa: E402
-from evaluate import (TEXT, bytes_read_per_step, evaluate_all, memory_bandwidth_gb_s,  # noqa: E402
-                      peak_rss_mib, perplexity_change, speed)
+from evaluate import (TEXT, bytes_read_per_step, evaluate_all, framework_overhead_ms, memory_bandwidth_gb_s,  # noqa: E402, I001
+                      peak_rss_mib, perplexity_change, serve_like_the_worker, speed)
 
 PEER = ROOT.parent / "shared" / "peer"
 MODES = [  # (our config, the llama.cpp format it is compared with)
@@ -111,13 +110,15 @@ def ours(config_path: Path, model_dir: Path, threads: int) -> dict:
     config = parse_serving_config(raw)
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    served, info = load_for_serving(str(model_dir), config.quantization, str(ROOT))
+    served, info = serve_like_the_worker(config, model_dir)
     row = {"load_s": round(time.perf_counter() - started, 1),
            "peak_rss_load_mib": round(peak_rss_mib()),
            "rss_mib": round(psutil.Process().memory_info().rss / 2**20),
            "step_bytes": bytes_read_per_step(served), "report": served.report}
     for batch in (1, 8):
         row.update(speed(served, info.pad_id, batch))
+    if served.runner is not None:
+        row.update(framework_overhead_ms(served.runner))
     row["serving_rss_mib"] = round(psutil.Process().memory_info().rss / 2**20)
     return row
 
@@ -129,18 +130,24 @@ def ours_isolated(config: Path, model_dir: Path, threads: int) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
+def overhead(r: dict) -> str:
+    """Step time and its part that is not matrix products (our runner only)."""
+    return f"{r['step_ms']:.1f} ({r['overhead_ms']:.2f})" if "step_ms" in r else "hf path"
+
+
 def table(model: Path, rows: list[tuple[str, str, dict, float, float]], bandwidth: float) -> str:
     lines = [f"### {model.name}",
              "",
              "| ours | tok/s b1 | llama.cpp | tok/s | ours / llama.cpp | ours GB/s b1 (share of machine) | "
-             "llama.cpp GB/s | tok/s b8 (x b1) | peak RSS load MiB | RSS serving MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "llama.cpp GB/s | tok/s b8 (x b1) | step ms b1 (overhead) | peak RSS load MiB | RSS serving MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for config, fmt, r, peer, peer_bytes in rows:
         b1, b8 = r["decode_tok_s_b1"], r["decode_tok_s_b8"]
         gb = r["step_bytes"] * b1 / 1e9
         lines.append(f"| {Path(config).stem} | {b1:.1f} | {fmt} | {peer:.1f} | **{b1 / peer:.2f}x** | "
                      f"{gb:.1f} ({100 * gb / bandwidth:.0f} %) | {peer_bytes * peer / 1e9:.1f} | "
-                     f"{b8:.1f} ({b8 / b1:.1f}x) | {r['peak_rss_load_mib']} | {r['serving_rss_mib']} |")
+                     f"{b8:.1f} ({b8 / b1:.1f}x) | {overhead(r)} | {r['peak_rss_load_mib']} | "
+                     f"{r['serving_rss_mib']} |")
     return "\n".join(lines)
 
 
@@ -183,7 +190,7 @@ def main() -> None:
             r = ours_isolated(ROOT / config, model, args.threads)
             rows.append((config, fmt, r, peers[fmt], gguf.stat().st_size))
             print(f"{model.name} {Path(config).stem}: {r['decode_tok_s_b1']:.1f} tok/s vs llama.cpp {fmt} "
-                  f"{peers[fmt]:.1f}; kernels {r['report'].get('kernels', r['report'].get('fp32_matvec'))}",
+                  f"{peers[fmt]:.1f}; step {overhead(r)} ms; runner {r['report'].get('runner')}; kernels {r['report'].get('kernels', r['report'].get('fp32_matvec'))}",
                   flush=True)
         tables.append(table(model, rows, bandwidth))
     if args.accuracy:

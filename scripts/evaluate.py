@@ -40,6 +40,7 @@ from cpu_llm.generation import Sequence, decode_one_token, left_pad, prefill  # 
 from cpu_llm.model import encode_prompt  # noqa: E402
 from cpu_llm.quantize import ServedModel, load_for_serving  # noqa: E402
 from cpu_llm.request import parse_request  # noqa: E402
+from cpu_llm.runner.model_runner import attach_runner  # noqa: E402
 
 TEXT = ROOT / "eval" / "python-reference.txt"
 PROMPTS = [
@@ -60,9 +61,13 @@ def perplexity(served: ServedModel, tokenizer, text: str, window: int = 128) -> 
     with torch.inference_mode():
         for start in range(0, len(ids) - window + 1, window):
             chunk = torch.tensor([ids[start:start + window]])
-            logits = served.model(input_ids=chunk, attention_mask=torch.ones_like(chunk),
-                                  position_ids=torch.arange(window)[None],
-                                  past_key_values=served.new_cache(1), use_cache=True)[0].float()
+            if served.runner is not None:  # our runner: every position's logits, in slot 0
+                every = list(range(window))
+                logits = served.runner.run(chunk[0].tolist(), every, [0] * window, every)[None]
+            else:
+                logits = served.model(input_ids=chunk, attention_mask=torch.ones_like(chunk),
+                                      position_ids=torch.arange(window)[None],
+                                      past_key_values=served.new_cache(1), use_cache=True)[0].float()
             nll = torch.nn.functional.cross_entropy(logits[0, half - 1:-1], chunk[0, half:])
             means.append(float(nll))
     low, mean, high = _interval(means)
@@ -169,6 +174,8 @@ def speed(served: ServedModel, pad_id: int, batch: int, prompt_len: int = 32, st
     """Prefill and decode tokens/s for `batch` rows of `prompt_len` tokens, `steps` greedy steps."""
     generator = torch.Generator().manual_seed(batch)
     prompts = torch.randint(100, 20000, (batch, prompt_len), generator=generator).tolist()
+    if served.runner is not None:
+        return _runner_speed(served.runner, prompts, steps)
     result = {}
     with torch.inference_mode():
         for measured in (False, True):  # the first pass warms caches and the allocator
@@ -186,6 +193,58 @@ def speed(served: ServedModel, pad_id: int, batch: int, prompt_len: int = 32, st
     return result
 
 
+def _runner_speed(runner, prompts: list[list[int]], steps: int) -> dict[str, float]:
+    """speed() on our runner: the prompts prefilled in one flat batch, each in its own slot."""
+    batch, length = len(prompts), len(prompts[0])
+    rows = list(range(batch))
+    for measured in (False, True):
+        started = time.perf_counter()
+        logits = runner.run([t for p in prompts for t in p], [i for _ in prompts for i in range(length)],
+                            [row for row in rows for _ in range(length)], [(row + 1) * length - 1 for row in rows])
+        prefill_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for step in range(steps if measured else 4):
+            logits = runner.run(logits.argmax(-1).tolist(), [length + step] * batch, rows, rows)
+        decode_s = time.perf_counter() - started
+    return {f"prefill_tok_s_b{batch}": batch * length / prefill_s, f"decode_tok_s_b{batch}": batch * steps / decode_s}
+
+
+MATMUL_MODULES = ("Linear", "QuantizedLinear", "FullPrecisionLinear", "QuantizedEmbedding")
+
+
+def framework_overhead_ms(runner, prompt_len: int = 32, steps: int = 32) -> dict[str, float]:
+    """Batch-1 decode step time, and how much of it is not matrix products: the step minus the
+    time the same linear layers (and LM head) take on the same inputs called back to back."""
+    inputs: list[tuple[torch.nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, args, out: inputs.append((m, args[0])))
+             for m in runner.model.modules() if type(m).__name__ in MATMUL_MODULES]
+    runner.run(list(range(100, 100 + prompt_len)), list(range(prompt_len)), [0] * prompt_len, [prompt_len - 1])
+    inputs.clear()
+    runner.run([7], [prompt_len], [0], [0])  # one step's linear inputs, captured
+    for hook in hooks:
+        hook.remove()
+    best_step = best_matmul = float("inf")
+    with torch.inference_mode():
+        for _ in range(steps):
+            started = time.perf_counter()
+            runner.run([7], [prompt_len], [0], [0])
+            best_step = min(best_step, time.perf_counter() - started)
+            started = time.perf_counter()
+            for module, x in inputs:
+                module(x)
+            best_matmul = min(best_matmul, time.perf_counter() - started)
+    return {"step_ms": best_step * 1000, "matmul_ms": best_matmul * 1000,
+            "overhead_ms": (best_step - best_matmul) * 1000}
+
+
+def serve_like_the_worker(config, model_dir: Path, slots: int = 8):
+    """load_for_serving, then our runner where the server would use it (slots for batch 8)."""
+    served, info = load_for_serving(str(model_dir), config.quantization, str(ROOT))
+    attach_runner(served, config.runner, max(slots, config.batch_size),
+                  config.max_prompt_tokens + config.max_new_tokens, config.prefill_chunk_tokens)
+    return served, info
+
+
 def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]] | None,
              backend: str | None = None, with_speed: bool = False, max_new_tokens: int = 24,
              text: Path = TEXT) -> dict:
@@ -195,7 +254,7 @@ def evaluate(config_path: Path, model_dir: Path, reference: list[tuple[int, ...]
     config = parse_serving_config(raw)
     torch.set_num_threads(resolve_threads(config))
     started = time.perf_counter()
-    served, info = load_for_serving(str(model_dir), config.quantization, str(ROOT))  # as the worker does
+    served, info = serve_like_the_worker(config, model_dir)
     load_s = time.perf_counter() - started
     tokens = greedy_tokens(served, info, config, max_new_tokens)
     row = {

@@ -25,3 +25,18 @@ def loaded(model_dir):
 
     torch.set_num_threads(2)
     return load_model(str(model_dir))
+
+
+@pytest.fixture(scope="session")
+def runner_served(model_dir):
+    """The fp32 model on our model runner (8 slots, 16-token prefill chunks so prompts are
+    prefilled over several steps), for in-process tests of the runner and its engine."""
+    from cpu_llm.model import load_model
+    from cpu_llm.quantize import ServedModel
+    from cpu_llm.runner.model_runner import attach_runner
+
+    torch.set_num_threads(2)
+    model, _ = load_model(str(model_dir))
+    served = ServedModel(model, lambda n: None, "native", {})
+    attach_runner(served, "llama", slots=8, length=1152, prefill_chunk=16)
+    return served

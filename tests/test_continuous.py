@@ -19,6 +19,7 @@ from cpu_llm.model import encode_prompt
 from cpu_llm.request import parse_request
 from cpu_llm.responses import Reply
 from cpu_llm.routes import NATIVE, Api, Router
+from cpu_llm.runner.slot_engine import SlotEngine
 
 pytestmark = pytest.mark.model
 CONFIG = ServingConfig(max_new_tokens=64)
@@ -71,10 +72,26 @@ class Frontend:
         return [json.loads(line) for line in self.bodies[rid].decode().splitlines()]
 
 
-@pytest.fixture
-def frontend(loaded):
+@pytest.fixture(params=["hf", "llama"])
+def make_engine(request, loaded):
+    """Both engines: the Hugging Face path's (left-padded cache) and our runner's (slots)."""
     model, info = loaded
-    return Frontend(ContinuousSession(ContinuousEngine(model, info, request_timeout_s=600), CONFIG, info))
+    if request.param == "hf":
+        return lambda timeout_s=600: ContinuousEngine(model, info, request_timeout_s=timeout_s)
+    runner = request.getfixturevalue("runner_served").runner
+    return lambda timeout_s=600: SlotEngine(runner, info, request_timeout_s=timeout_s)
+
+
+def idle(engine) -> bool:
+    """Nothing in flight and nothing held: no batch (hf), every cache slot free (llama)."""
+    if isinstance(engine, SlotEngine):
+        return engine.in_flight == 0 and len(engine.runner.cache.free) == engine.runner.cache.slots
+    return engine.in_flight == 0 and engine.batch is None
+
+
+@pytest.fixture
+def frontend(loaded, make_engine):
+    return Frontend(ContinuousSession(make_engine(), CONFIG, loaded[1]))
 
 
 def alone(loaded, body: dict):
@@ -114,13 +131,14 @@ def test_requests_joining_mid_flight_get_the_same_tokens_as_alone(loaded, fronte
             (solo.text, solo.finish_reason, solo.completion_tokens), rid
         peak = max(peak, got["batch_size"])
     assert peak >= 3  # they really were decoded together
-    assert frontend.session.engine.in_flight == 0 and frontend.session.engine.batch is None
+    assert idle(frontend.session.engine)
 
 
 def test_a_finished_request_leaves_at_once(frontend):
     frontend.submit("short", {"prompt": "Hello", "max_new_tokens": 3})
     frontend.submit("long", {"prompt": "Hello", "max_new_tokens": 30})
     frontend.run_until_idle()
+    assert idle(frontend.session.engine)
     # 3 tokens: prefill + 2 decode steps, then one call for the held-back final reply
     assert frontend.done["short"] <= 4 < frontend.done["long"]
     assert frontend.json("short")["completion_tokens"] == 3
@@ -152,6 +170,7 @@ def test_disconnected_client_frees_its_row_and_others_are_unaffected(loaded, fro
     frontend.call()
     assert frontend.session.engine.in_flight == 1 and "gone" not in frontend.session.engine.seqs
     frontend.run_until_idle()
+    assert idle(frontend.session.engine)
     assert frontend.json("stays")["text"] == alone(loaded, BODIES["c"]).text
 
 
@@ -166,9 +185,8 @@ def test_bad_request_gets_its_status_first_and_its_body_next(frontend):
     assert frontend.status["good"] == 200 and frontend.json("good")["completion_tokens"] == 5
 
 
-def test_request_over_its_time_limit_ends_with_timeout(loaded):
-    model, info = loaded
-    frontend = Frontend(ContinuousSession(ContinuousEngine(model, info, request_timeout_s=0), CONFIG, info))
+def test_request_over_its_time_limit_ends_with_timeout(loaded, make_engine):
+    frontend = Frontend(ContinuousSession(make_engine(timeout_s=0), CONFIG, loaded[1]))
     frontend.submit("slow", {"prompt": "Hello", "max_new_tokens": 50})
     frontend.run_until_idle()
     body = frontend.json("slow")

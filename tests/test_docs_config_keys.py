@@ -14,7 +14,7 @@ from serve import read_properties
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "configuration.md"
 # ServingConfig fields that are not keys of the handler: section (they come from other sections).
-NOT_HANDLER_KEYS = {"quantization", "continuous_batching"}
+NOT_HANDLER_KEYS = {"quantization", "continuous_batching", "batch_size"}
 
 
 def config_keys() -> list[str]:

@@ -47,6 +47,7 @@ FRONTEND_OTHER_KEYS = {
     "pt2",
 }
 HANDLER_SECTION = "handler"
+RUNNERS = ("auto", "llama", "hf")
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,17 @@ class ServingConfig:
     # A request still generating after this many seconds ends with finish_reason "timeout" (with
     # continuous batching TorchServe's responseTimeout bounds one step, not a whole request).
     request_timeout_s: int = 600
+    # Which forward pass serves the model: "llama" (our runner: Llama, Mistral, Qwen2 on the native
+    # backend), "hf" (Hugging Face's modules), or "auto" (llama where it can, else hf; the load log says why).
+    runner: str = "auto"
+    # Our runner prefills at most this many prompt tokens per step, beside the running decodes.
+    prefill_chunk_tokens: int = 256
     # The top-level `quantization:` section (see quant_config.py).
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     # TorchServe's top-level `continuousBatching` key: requests join and leave a running batch.
     continuous_batching: bool = False
+    # TorchServe's top-level `batchSize`: most requests in one batch (our runner's KV-cache slots).
+    batch_size: int = 1
 
 
 def _did_you_mean(key: str, known: set[str] | Mapping[str, Any]) -> str:
@@ -103,7 +111,7 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
     if not isinstance(section, Mapping):
         raise ConfigError(HANDLER_SECTION, "must be a mapping")
     defaults = ServingConfig()
-    known = set(defaults.__dataclass_fields__) - {"quantization", "continuous_batching"}
+    known = set(defaults.__dataclass_fields__) - {"quantization", "continuous_batching", "batch_size"}
     for key in section:
         if key not in known:
             raise ConfigError(
@@ -119,19 +127,21 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
         num_threads = 0
     _positive_int(f"{HANDLER_SECTION}.num_threads", num_threads, minimum=0)
     for key in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences",
-                "request_timeout_s"):
+                "request_timeout_s", "prefill_chunk_tokens"):
         _positive_int(f"{HANDLER_SECTION}.{key}", values[key])
     if values["default_max_new_tokens"] > values["max_new_tokens"]:
         raise ConfigError(
             f"{HANDLER_SECTION}.default_max_new_tokens",
             f"must not exceed handler.max_new_tokens ({values['max_new_tokens']})",
         )
+    if values["runner"] not in RUNNERS:
+        raise ConfigError(f"{HANDLER_SECTION}.runner", f"must be one of {', '.join(RUNNERS)} (got {values['runner']!r})")
     quantization = parse_quantization_config(raw.get(QUANTIZATION_SECTION))
     continuous = raw.get("continuousBatching", False)
     if not isinstance(continuous, bool):
         raise ConfigError("continuousBatching", f"must be true or false (got {continuous!r})")
     return ServingConfig(**{**values, "num_threads": num_threads, "quantization": quantization,
-                            "continuous_batching": continuous})
+                            "continuous_batching": continuous, "batch_size": raw.get("batchSize", 1)})
 
 
 def check_context_length(config: ServingConfig, model_max_positions: int | None) -> None:

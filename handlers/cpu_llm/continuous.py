@@ -1,4 +1,4 @@
-"""TorchServe's `continuousBatching` protocol around `ContinuousEngine`.
+"""TorchServe's `continuousBatching` protocol around an engine (ContinuousEngine or SlotEngine).
 
 With `continuousBatching: true` the frontend calls `handle()` again and again with every
 in-flight request: a new one carries its body, a running one comes back with an empty body,
@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from .config import ServingConfig
-from .engine import ContinuousEngine
 from .generation import Sequence, TokenizerInfo
 from .model import encode_prompt
 from .request import RequestError
@@ -32,13 +31,26 @@ from .responses import Reply
 from .routes import Api
 from .text_stream import TextStream
 
+
+
+class Engine(Protocol):
+    """What a session drives: engine.ContinuousEngine (Hugging Face path) or runner.SlotEngine."""
+
+    seqs: dict[str, Sequence]
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def step(self, new: dict[str, Sequence], wanted: set[str]) -> tuple[dict[str, Sequence], int]: ...
+
+
 LOST = RequestError("body", "the worker no longer has this request's state (it restarted?); please retry", 500)
 
 
 class ContinuousSession:
     """Per-worker state across `handle()` calls: the engine, and what each client was sent."""
 
-    def __init__(self, engine: ContinuousEngine, config: ServingConfig, info: TokenizerInfo,
+    def __init__(self, engine: Engine, config: ServingConfig, info: TokenizerInfo,
                  on_finished: Callable[[Sequence], None] = lambda seq: None,
                  on_step: Callable[[int, int], None] = lambda in_flight, cancelled: None) -> None:
         self.engine, self.config, self.info = engine, config, info

@@ -83,6 +83,9 @@ class Sequence:
         )
 
 
+_NOTHING_SEEN = torch.empty(0, dtype=torch.long)  # the repetition penalty's history when it is off
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     """What the decode loop needs from the tokenizer, resolved once at load."""
@@ -125,17 +128,29 @@ def decode_one_token(model, tokens: torch.Tensor, mask: torch.Tensor, cache):
     return out[0][:, -1, :].float(), out[1]
 
 
+def _plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing that needs the row's history: its token is the batch argmax."""
+    sampling = seq.request.sampling
+    return (not sampling.do_sample and sampling.repetition_penalty == 1.0
+            and len(seq.generated) >= seq.request.min_new_tokens)
+
+
 def pick_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[int]) -> list[int]:
     """One next token per row; -1 for rows that have already finished."""
+    greedy = logits.argmax(-1).tolist() if any(_plain_greedy(seq) for seq in seqs) else []
     tokens = []
     for row, seq in enumerate(seqs):
         if seq.done:
             tokens.append(-1)
             continue
+        if _plain_greedy(seq):
+            tokens.append(greedy[row])
+            continue
         row_logits = logits[row]
         if len(seq.generated) < seq.request.min_new_tokens:
             row_logits = row_logits.index_fill(0, torch.tensor(sorted(eos_ids)), float("-inf"))
-        seen = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long)
+        seen = (torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long)
+                if seq.request.sampling.repetition_penalty != 1.0 else _NOTHING_SEEN)
         tokens.append(pick_next_token(row_logits, seq.request.sampling, seen, seq.generator))
     return tokens
 

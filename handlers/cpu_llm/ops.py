@@ -65,6 +65,22 @@ if _kernels is not None:
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
 
+    @torch.library.register_fake("cpu_llm::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("cpu_llm::add_rms_norm_")
+    def _(x, delta, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("cpu_llm::silu_mul")
+    def _(gate_up):
+        return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+    @torch.library.register_fake("cpu_llm::slot_attention")
+    def _(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, scale):
+        return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
+
 
 # --- reference twins -------------------------------------------------------------------------
 
@@ -121,3 +137,61 @@ def dequantize_shared(w: PackedWeight, use_kernel: bool) -> torch.Tensor:
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ weight.T in fp32 with our matrix-vector kernel (decode on hosts whose BLAS is slow)."""
     return torch.ops.cpu_llm.linear_f32(x, weight, bias)
+
+
+def slot_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+                   scale: float) -> torch.Tensor:
+    """Rotary embedding, KV-cache write and attention for N tokens, each at its own (slot,
+    position); see kernels/csrc/attention.cpp. qkv (N, (heads + 2 kv_heads) * D) -> (N, heads * D)."""
+    return torch.ops.cpu_llm.slot_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, scale)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, D) rotated as Hugging Face's rotate_half does; cos/sin (N, D / 2)."""
+    a, b = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def slot_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                             slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
+                             kv_heads: int, scale: float) -> torch.Tensor:
+    """The same formula in plain PyTorch, one token at a time (tests)."""
+    n, d = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.view(n, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
+    q = _rotate(q, cos[positions], sin[positions])  # (N, heads, D)
+    k_cache[slots, :, positions] = _rotate(k, cos[positions], sin[positions])
+    v_cache[slots, :, positions] = v
+    out = []
+    for i in range(n):
+        keys = k_cache[slots[i], :, : positions[i] + 1].repeat_interleave(heads // kv_heads, 0)  # (heads, T, D)
+        values = v_cache[slots[i], :, : positions[i] + 1].repeat_interleave(heads // kv_heads, 0)
+        weights = torch.softmax((keys @ q[i][:, :, None]).squeeze(-1) * scale, dim=-1)  # (heads, T)
+        out.append((weights[:, None, :] @ values).reshape(heads * d))
+    return torch.stack(out)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (N, H) / sqrt(mean(x^2) + eps) * weight, one op."""
+    return torch.ops.cpu_llm.rms_norm(x, weight, eps)
+
+
+def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place (the residual stream), then rms_norm(x), in one op."""
+    return torch.ops.cpu_llm.add_rms_norm_(x, delta, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up (N, 2 I) = [gate | up] -> (N, I)."""
+    return torch.ops.cpu_llm.silu_mul(gate_up)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm formula."""
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -47,6 +47,7 @@ class ServedModel:
     # False when a row's output can change with its batch companions (IPEX SmoothQuant's int8
     # kernels): such requests are then generated one at a time.
     batch_invariant: bool = True
+    runner: Any = None  # runner.model_runner.ModelRunner when our own forward pass serves the model
 
     @property
     def max_batch(self) -> int | None:
@@ -56,6 +57,10 @@ class ServedModel:
     def generate(self, info: TokenizerInfo, seqs: list[Sequence],
                  on_step: Callable[[list[Sequence]], None] | None = None) -> list[GenerationResult]:
         """Generate for all sequences, in as few batches as batch invariance allows."""
+        if self.runner is not None:
+            from .runner.slot_engine import SlotEngine
+
+            return SlotEngine(self.runner, info, float("inf")).generate(seqs, on_step)
         step = self.max_batch or len(seqs)
         return [result for start in range(0, len(seqs), step)
                 for result in generate_batch(self.model, info, seqs[start:start + step], self.new_cache, on_step)]

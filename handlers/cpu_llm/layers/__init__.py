@@ -1,0 +1,1 @@
+"""Building blocks of our own models: fused linear layers and attention over the slot KV cache."""

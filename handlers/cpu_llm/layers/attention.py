@@ -1,0 +1,59 @@
+"""Attention over a preallocated KV cache in slots (one slot per running request).
+
+`SlotKVCache` is one buffer per keys and values, (layers, slots, kv_heads, length, head_dim),
+allocated once at load and never copied: each request owns a slot and writes its keys at its own
+positions, as gpt-fast writes `k_out[:, :, input_pos]`; a request that joins or leaves only takes
+or returns a slot number. Memory is committed page by page as positions are first written, so
+the resident size follows what is in use. `RotaryTable` holds cos/sin per position, computed
+exactly as Hugging Face does (from the loaded model's own inverse frequencies, so Llama 3's and
+linear rope scaling come for free).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import ops
+
+logger = logging.getLogger(__name__)
+
+
+class SlotKVCache:
+    """Keys and values of every layer for `slots` requests of up to `length` tokens each."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, length: int, head_dim: int) -> None:
+        shape = (layers, slots, kv_heads, length, head_dim)
+        self.keys = torch.empty(shape)  # (layers, slots, kv_heads, length, head_dim)
+        self.values = torch.empty(shape)
+        self.slots, self.length = slots, length
+        self.free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @staticmethod
+    def bytes_needed(layers: int, slots: int, kv_heads: int, length: int, head_dim: int) -> int:
+        return 2 * layers * slots * kv_heads * length * head_dim * 4
+
+    def take(self) -> int | None:
+        """A free slot, or None when every slot is in use."""
+        return self.free.pop() if self.free else None
+
+    def give_back(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+class RotaryTable:
+    """cos and sin of every position's rotary angles, (length, head_dim / 2) each."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float, length: int) -> None:
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq.float())  # (length, D / 2)
+        self.cos = (angles.cos() * scaling).contiguous()
+        self.sin = (angles.sin() * scaling).contiguous()
+
+
+def attention(qkv: torch.Tensor, rotary: RotaryTable, positions: torch.Tensor, slots: torch.Tensor,
+              cache: SlotKVCache, layer: int, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
+    """Rotate q and k, write k and v at each token's (slot, position), attend over each token's
+    own slot up to its position. qkv (N, (heads + 2 kv_heads) * D) -> (N, heads * D)."""
+    return ops.slot_attention(qkv, rotary.cos, rotary.sin, positions, slots, cache.keys[layer],
+                              cache.values[layer], heads, kv_heads, scale)

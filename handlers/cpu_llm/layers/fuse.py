@@ -1,0 +1,66 @@
+"""Fusing linear layers that read the same input (q/k/v, gate/up) into one, so a decode step
+reads that input's weights in one pass and pays one op's overhead instead of three.
+
+Every weight format we serve is quantized per output row (or per group along a row), so the
+fused layer's weight is the row-wise concatenation of the parts' stored weights: quantizing the
+concatenation would give the same integers and scales. Parts of different kinds (one kept in
+fp32 by `keep_full_precision`, say) are not merged: `Concat` runs them side by side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quantized_linear import FullPrecisionLinear, QuantizedLinear
+from ..quantlib import PackedWeight
+
+
+class Concat(torch.nn.Module):
+    """cat([part(x) for part in parts], -1): the fallback for parts that cannot share a weight."""
+
+    def __init__(self, parts: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
+def _cat_bias(parts: list[torch.nn.Module], rows: list[int]) -> torch.Tensor | None:
+    if all(p.bias is None for p in parts):
+        return None
+    return torch.cat([p.bias.detach().float() if p.bias is not None else torch.zeros(n)
+                      for p, n in zip(parts, rows)])
+
+
+def _plain(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _quantized_key(m: QuantizedLinear) -> tuple:
+    return (m.kind, m.compute, m.bits, m.zero, m.spec, m.scales.dtype, m.offsets is None, m.in_features)
+
+
+def fuse_linears(parts: list[torch.nn.Module]) -> torch.nn.Module:
+    """One layer computing cat([part(x) for part in parts], -1)."""
+    kinds = {type(p) for p in parts}
+    if kinds == {torch.nn.Linear} or kinds == {FullPrecisionLinear}:
+        if len({p.weight.shape[1] for p in parts}) == 1 and len({p.weight.dtype for p in parts}) == 1:
+            rows = [p.weight.shape[0] for p in parts]
+            bias = _cat_bias(parts, rows)
+            linear = _plain(torch.cat([p.weight.detach() for p in parts]), bias)
+            if kinds == {torch.nn.Linear}:
+                return linear
+            return FullPrecisionLinear(linear, use_kernel=all(p.use_kernel for p in parts))
+    elif kinds == {QuantizedLinear} and len({_quantized_key(p) for p in parts}) == 1:
+        first = parts[0]
+        packed = PackedWeight(
+            torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+            None if first.offsets is None else torch.cat([p.offsets for p in parts]), first.bits, first.zero)
+        return QuantizedLinear(packed, _cat_bias(parts, [p.out_features for p in parts]), first.spec, first.kind,
+                               first.compute)
+    return Concat(parts)

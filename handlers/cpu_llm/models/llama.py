@@ -1,0 +1,110 @@
+"""Our forward pass for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM), built from a loaded
+Hugging Face model whose linear layers may already be quantized.
+
+Why not the Hugging Face modules: each decode step through them pays ~2,000 small ops of masks,
+cache bookkeeping and transposes (~10-20 ms on a 30-layer model). Here a layer is seven ops: two
+residual adds fused with their RMSNorms, the fused q/k/v projection, one attention op (rotary,
+cache write and attention over the request's own slot: ops.slot_attention), o_proj, the fused
+gate/up projection with SiLU x up, and down_proj. Tokens of all requests are flattened into one (N, hidden)
+batch, with no padding; logits are computed for the positions that need a next token only.
+
+`from_hf` moves the weights out of the Hugging Face model (fusing q/k/v and gate/up by
+concatenating rows, see layers/fuse.py), so no weight is ever held twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..layers.attention import RotaryTable, SlotKVCache, attention
+from ..layers.fuse import fuse_linears
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Rotary variants whose angles depend on the sequence length: a fixed table cannot serve them.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float  # attention scores are q . k x scale
+
+
+def unsupported_reason(model: torch.nn.Module, context: int) -> str | None:
+    """Why `model` cannot run on this forward pass (None when it can), for a context of `context` tokens."""
+    config = model.config
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        return f"architecture {name} is not one of {', '.join(ARCHITECTURES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act} (the runner implements silu)"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < context:
+        return f"sliding-window attention ({window} tokens) shorter than the context ({context})"
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope in _LENGTH_DEPENDENT_ROPE:
+        return f"rope_type {rope} (its angles change with the sequence length)"
+    head_dim = model.model.layers[0].self_attn.head_dim
+    if head_dim % 8:
+        return f"head_dim {head_dim} is not a multiple of 8"
+    return None
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, hf_layer: torch.nn.Module) -> None:
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.input_norm = hf_layer.input_layernorm.weight
+        self.post_attention_norm = hf_layer.post_attention_layernorm.weight
+        self.qkv_proj = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o_proj = attn.o_proj
+        self.gate_up_proj = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, index: int, shape: Shape, rotary: RotaryTable,
+                positions: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """x (N, hidden) is the residual stream, `delta` what the previous layer adds to it (added
+        here, in place, fused with the norm); returns what this layer adds."""
+        h = (ops.rms_norm(x, self.input_norm, shape.eps) if delta is None
+             else ops.add_rms_norm_(x, delta, self.input_norm, shape.eps))  # (N, hidden)
+        qkv = self.qkv_proj(h)  # (N, (heads + 2 kv_heads) * head_dim)
+        a = attention(qkv, rotary, positions, slots, cache, index, shape.heads, shape.kv_heads, shape.scale)
+        h = ops.add_rms_norm_(x, self.o_proj(a), self.post_attention_norm, shape.eps)
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(h)))  # gate_up: (N, 2 intermediate)
+
+
+class LlamaModel(torch.nn.Module):
+    """Embedding, decoder layers, final norm and LM head over flattened tokens."""
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        super().__init__()
+        base, config = hf_model.model, hf_model.config
+        first = base.layers[0].self_attn
+        self.config = config
+        self.shape = Shape(layers=len(base.layers), heads=config.num_attention_heads,
+                           kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                           head_dim=first.head_dim, eps=base.norm.variance_epsilon, scale=first.scaling)
+        self.embed_tokens = base.embed_tokens
+        self.layers = torch.nn.ModuleList(DecoderLayer(layer) for layer in base.layers)
+        self.norm = base.norm.weight
+        self.lm_head = hf_model.lm_head
+        self.inv_freq = base.rotary_emb.inv_freq.detach().float()
+        self.rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
+        hf_model.model.layers = torch.nn.ModuleList()  # the weights now live here only
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
+                rotary: RotaryTable, cache: SlotKVCache) -> torch.Tensor:
+        """tokens, positions, slots (N,); last (B,) the rows of N that need logits -> (B, vocab) float32."""
+        x = self.embed_tokens(tokens).float().contiguous()  # (N, hidden), the residual stream
+        delta = None
+        for index, layer in enumerate(self.layers):
+            delta = layer(x, delta, index, self.shape, rotary, positions, slots, cache)
+        x = ops.add_rms_norm_(x[last], delta[last], self.norm, self.shape.eps)  # (B, hidden)
+        return self.lm_head(x).float()  # (B, vocab)

@@ -1,0 +1,226 @@
+"""Our model runner: its ops against their PyTorch twins, weight fusion, and the Llama forward
+pass against the Hugging Face path (greedy tokens, perplexity, batch invariance, slots, chunked
+prefill)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from cpu_llm import ops
+from cpu_llm.config import ConfigError, ServingConfig, parse_serving_config
+from cpu_llm.generation import Sequence
+from cpu_llm.layers.fuse import Concat, fuse_linears
+from cpu_llm.model import encode_prompt
+from cpu_llm.quantize import ServedModel, load_for_serving
+from cpu_llm.quantized_linear import FullPrecisionLinear, QuantizedLinear
+from cpu_llm.quantlib import QuantSpec
+from cpu_llm.request import parse_request
+from cpu_llm.runner.model_runner import ModelRunner, attach_runner
+from cpu_llm.runner.slot_engine import SlotEngine
+from conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="kernels not built")
+GOLDEN = Path(__file__).parent / "data" / "golden_greedy.json"
+CONFIG = ServingConfig(max_new_tokens=64)
+
+
+# --- ops ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128), (2, 1, 8)])
+def test_slot_attention_matches_its_reference(heads, kv_heads, head_dim):
+    torch.manual_seed(heads)
+    slots, length = 4, 40
+    cos, sin = torch.randn(length, head_dim // 2), torch.randn(length, head_dim // 2)
+    cases = [([2], [0]), ([0, 1, 3], [5, 0, 17]), ([1] * 12 + [3], list(range(12)) + [39])]  # decode, prefill chunk
+    for slot_list, pos_list in cases:
+        qkv = torch.randn(len(slot_list), (heads + 2 * kv_heads) * head_dim)
+        k, v = torch.randn(slots, kv_heads, length, head_dim), torch.randn(slots, kv_heads, length, head_dim)
+        k2, v2 = k.clone(), v.clone()
+        args = (torch.tensor(pos_list), torch.tensor(slot_list))
+        got = ops.slot_attention(qkv, cos, sin, *args, k, v, heads, kv_heads, 0.3)
+        want = ops.slot_attention_reference(qkv, cos, sin, *args, k2, v2, heads, kv_heads, 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(k, k2) and torch.equal(v, v2)  # the same cache writes, nothing else touched
+
+
+def test_slot_attention_rows_do_not_depend_on_their_batch():
+    torch.manual_seed(0)
+    cos, sin = torch.randn(64, 32), torch.randn(64, 32)
+    k, v = torch.randn(3, 2, 64, 64), torch.randn(3, 2, 64, 64)
+    qkv = torch.randn(3, 8 * 64)
+    together = ops.slot_attention(qkv, cos, sin, torch.tensor([9, 30, 4]), torch.tensor([0, 1, 2]),
+                                  k.clone(), v.clone(), 4, 2, 0.125)
+    alone = ops.slot_attention(qkv[1:2], cos, sin, torch.tensor([30]), torch.tensor([1]), k.clone(), v.clone(),
+                               4, 2, 0.125)
+    assert torch.equal(together[1:2], alone)
+
+
+def test_slot_attention_names_what_is_wrong():
+    cos = sin = torch.zeros(8, 32)
+    k = v = torch.zeros(2, 2, 8, 64)
+    good = dict(qkv=torch.zeros(1, 8 * 64), positions=torch.tensor([0]), slots=torch.tensor([0]))
+    call = lambda **kw: ops.slot_attention(kw["qkv"], cos, sin, kw["positions"], kw["slots"], k, v, 4, 2, 1.0)  # noqa: E731
+    with pytest.raises(RuntimeError, match="qkv has 100 columns"):
+        call(**{**good, "qkv": torch.zeros(1, 100)})
+    with pytest.raises(RuntimeError, match="position 8, beyond the cache length 8"):
+        call(**{**good, "positions": torch.tensor([8])})
+    with pytest.raises(RuntimeError, match="slot 2 of 2"):
+        call(**{**good, "slots": torch.tensor([2])})
+    with pytest.raises(RuntimeError, match="positions must be a contiguous int64"):
+        call(**{**good, "positions": torch.tensor([0.0])})
+
+
+@pytest.mark.parametrize("rows,width", [(1, 576), (7, 100), (33, 2048)])
+def test_norm_and_activation_ops_match_their_references(rows, width):
+    torch.manual_seed(rows)
+    x, delta, weight = torch.randn(rows, width), torch.randn(rows, width), torch.randn(width)
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), ops.rms_norm_reference(x, weight, 1e-5))
+    residual = x.clone()
+    normed = ops.add_rms_norm_(residual, delta, weight, 1e-5)
+    assert torch.equal(residual, x + delta)  # the residual stream is updated in place
+    torch.testing.assert_close(normed, ops.rms_norm_reference(x + delta, weight, 1e-5))
+    gate_up = torch.randn(rows, 2 * width)
+    torch.testing.assert_close(ops.silu_mul(gate_up), ops.silu_mul_reference(gate_up))
+    with pytest.raises(RuntimeError, match="weight must be a contiguous float32 tensor of"):
+        ops.rms_norm(x, torch.randn(width + 1), 1e-5)
+
+
+# --- fusion ---------------------------------------------------------------------------------
+
+def _linears(bias: list[bool], rows=(64, 32, 32), k=96) -> list[torch.nn.Linear]:
+    torch.manual_seed(len(bias))
+    return [torch.nn.Linear(k, n, bias=b).eval() for n, b in zip(rows, bias)]
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=8), QuantSpec(bits=4, granularity="group", group_size=32, scale_dtype="float16"),
+                                  QuantSpec(bits=4, granularity="group", group_size=32, scheme="affine")])
+def test_fused_quantized_projection_equals_its_parts(spec):
+    parts = [QuantizedLinear.from_linear(linear, spec, compute="int8") for linear in _linears([True, False, True])]
+    fused = fuse_linears(parts)
+    assert isinstance(fused, QuantizedLinear) and fused.out_features == 128
+    x = torch.randn(5, 96)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], -1))
+
+
+def test_fused_fp32_projection_equals_its_parts_and_mixed_parts_are_concatenated():
+    parts = _linears([False, False, False])
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(fuse_linears(parts)(x), torch.cat([p(x) for p in parts], -1))
+        kept = fuse_linears([FullPrecisionLinear(p) for p in parts])
+        assert isinstance(kept, FullPrecisionLinear)
+        mixed = [parts[0], QuantizedLinear.from_linear(parts[1], QuantSpec(bits=8)), parts[2]]
+        fused = fuse_linears(mixed)
+        assert isinstance(fused, Concat)
+        assert torch.equal(fused(x), torch.cat([p(x) for p in mixed], -1))
+
+
+# --- the model ------------------------------------------------------------------------------
+
+def _seqs(info, bodies):
+    requests = [parse_request(body, CONFIG) for body in bodies]
+    return [Sequence.start(r, encode_prompt(info.tokenizer, r, CONFIG.max_prompt_tokens)) for r in requests]
+
+
+def test_runner_generates_the_recorded_greedy_tokens(loaded, runner_served):
+    """The golden tokens come from transformers' generate(); our forward pass must give them too."""
+    golden = json.loads(GOLDEN.read_text())
+    bodies = [{"messages": c["messages"], "max_new_tokens": golden["max_new_tokens"]} for c in golden["cases"]]
+    results = runner_served.generate(loaded[1], _seqs(loaded[1], bodies))
+    for case, result in zip(golden["cases"], results):
+        expected = [t for t in case["tokens"] if t not in loaded[1].eos_ids]
+        assert list(result.token_ids) == expected[:len(result.token_ids)] and len(result.token_ids) >= len(expected)
+
+
+def test_runner_perplexity_matches_the_hugging_face_path(loaded, runner_served):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from evaluate import TEXT, perplexity
+
+    text = TEXT.read_text()[:6000]
+    hf = perplexity(ServedModel(loaded[0], lambda n: None, "native", {}), loaded[1].tokenizer, text)
+    ours = perplexity(runner_served, loaded[1].tokenizer, text)
+    assert hf["scored_tokens"] == ours["scored_tokens"] > 500
+    assert abs(ours["perplexity"] / hf["perplexity"] - 1) < 1e-3
+
+
+BODIES = [
+    {"prompt": "The history of the Roman empire", "max_new_tokens": 20},
+    {"messages": [{"role": "user", "content": "Write a haiku about CPUs."}], "max_new_tokens": 16},
+    {"prompt": "def fibonacci(n):", "max_new_tokens": 12, "repetition_penalty": 1.3},
+]
+
+
+def _alone_and_together(served, info) -> tuple[list, list]:
+    alone = [served.generate(info, _seqs(info, [body]))[0].token_ids for body in BODIES]
+    together = [r.token_ids for r in served.generate(info, _seqs(info, BODIES))]
+    return alone, together
+
+
+@pytest.mark.parametrize("config", ["woq-int8.yaml", "woq-int4.yaml"])
+def test_quantized_runner_rows_are_exactly_batch_invariant(model_dir, config):
+    """No padding and row-independent kernels: with our runner even int8 compute gives a request
+    the same tokens alone and in a batch, prefilled in any chunk size."""
+    raw = yaml.safe_load((ROOT / "configs" / config).read_text())
+    served, info = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
+    attach_runner(served, "llama", slots=4, length=256, prefill_chunk=256)
+    assert served.report["runner"] == "llama"
+    alone, together = _alone_and_together(served, info)
+    served.runner.prefill_chunk = 5
+    _, chunked = _alone_and_together(served, info)
+    assert alone == together == chunked
+
+
+def test_requests_wait_for_a_free_slot(loaded, runner_served):
+    """More requests than slots: the extra ones are prefilled as slots come back."""
+    small = ModelRunner(runner_served.model, slots=2, length=256, prefill_chunk=64)
+    engine = SlotEngine(small, loaded[1], request_timeout_s=600)
+    results = engine.generate(_seqs(loaded[1], BODIES))
+    assert [r.token_ids for r in results] == _alone_and_together(runner_served, loaded[1])[0]
+    assert max(r.batch_size for r in results) == 3 and len(small.cache.free) == 2
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding(loaded, runner_served):
+    info = loaded[1]
+    engine = SlotEngine(runner_served.runner, info, request_timeout_s=600)
+    running = _seqs(info, [{"prompt": "Hello", "max_new_tokens": 40}])[0]
+    engine.step({"running": running}, set())  # prefilled (short) and its first token
+    long_prompt = {"prompt": "word " * 100, "max_new_tokens": 4}
+    newcomer = _seqs(info, [long_prompt])[0]
+    chunks = -(-len(newcomer.prompt_ids) // runner_served.runner.prefill_chunk)
+    engine.step({"long": newcomer}, {"running"})
+    for _ in range(chunks - 1):
+        before = len(running.generated)
+        assert not newcomer.generated
+        engine.step({}, {"running", "long"})
+        assert len(running.generated) == before + 1  # one token per step, prefill or not
+    assert len(newcomer.generated) == 1 and newcomer.prefill_ms > 0
+    while engine.in_flight:
+        engine.step({}, set(engine.seqs))
+    assert len(runner_served.runner.cache.free) == runner_served.runner.cache.slots
+
+
+# --- choosing the runner --------------------------------------------------------------------
+
+def test_runner_choice_falls_back_or_fails_with_the_reason():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
+    served = ServedModel(gpt2, lambda n: None, "native", {})
+    with pytest.raises(ConfigError, match=r"handler\.runner.*GPT2LMHeadModel is not one of"):
+        attach_runner(served, "llama", slots=1, length=64, prefill_chunk=16)
+    attach_runner(served, "auto", slots=1, length=64, prefill_chunk=16)
+    assert served.runner is None and served.report["runner"] == "hf" and served.model is gpt2
+
+
+def test_runner_keys_are_validated():
+    with pytest.raises(ConfigError, match=r"handler\.runner.*auto, llama, hf"):
+        parse_serving_config({"handler": {"runner": "fast"}})
+    with pytest.raises(ConfigError, match=r"handler\.prefill_chunk_tokens"):
+        parse_serving_config({"handler": {"prefill_chunk_tokens": 0}})
+    config = parse_serving_config({"batchSize": 16, "handler": {"runner": "hf"}})
+    assert (config.runner, config.batch_size, config.prefill_chunk_tokens) == ("hf", 16, 256)
