@@ -19,6 +19,18 @@ try:
 except ImportError:  # not built (no compiler at install time, or built for another torch)
     _kernels = None
 
+
+
+def _op(name: str):
+    """The default overload of torch.ops.cpu_llm.<name>, looked up once: the lookup through
+    torch.ops costs about a microsecond per call, and a decode step makes hundreds of calls."""
+    return getattr(torch.ops.cpu_llm, name).default if _kernels is not None else None
+
+
+_QLINEAR, _WOQ_LINEAR_F32, _DEQUANTIZE_INTO, _LINEAR_F32 = (
+    _op("qlinear"), _op("woq_linear_f32"), _op("dequantize_into"), _op("linear_f32"))
+_SLOT_ATTENTION, _RMS_NORM, _ADD_RMS_NORM_, _SILU_MUL = (
+    _op("slot_attention"), _op("rms_norm"), _op("add_rms_norm_"), _op("silu_mul"))
 BLOCK = 32  # activations are quantized in blocks of 32 values (kernels/csrc/isa.h)
 BUILD_COMMAND = ("make install STACK=<stack> "
                  "(or: pip install --no-build-isolation --force-reinstall --no-deps ./kernels)")
@@ -105,14 +117,21 @@ def qlinear(x: torch.Tensor, w: PackedWeight, act_per_row: bool, bias: torch.Ten
             use_kernel: bool) -> torch.Tensor:
     """x [M, K] float32 @ w.T with x quantized to int8 on the fly: integer dot products."""
     if use_kernel:
-        return torch.ops.cpu_llm.qlinear(x, w.qweight, w.scales, w.offsets, w.bits, w.zero, act_per_row, bias)
+        return _QLINEAR(x, w.qweight, w.scales, w.offsets, w.bits, w.zero, act_per_row, bias)
     return _add_bias(quantize_activations(x, act_per_row) @ w.dequantize().T, bias)
+
+
+def qlinear_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, bits: int,
+               zero: float, act_per_row: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """qlinear on the kernels with the weight's tensors passed as they are (the runner's hot path:
+    x float32 (M, K) contiguous, no PackedWeight built per call)."""
+    return _QLINEAR(x, qweight, scales, offsets, bits, zero, act_per_row, bias)
 
 
 def woq_linear_f32(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, use_kernel: bool) -> torch.Tensor:
     """x [M, K] float32 @ w.T with the weight dequantized in registers, fp32 throughout."""
     if use_kernel:
-        return torch.ops.cpu_llm.woq_linear_f32(x, w.qweight, w.scales, w.offsets, w.bits, w.zero, bias)
+        return _WOQ_LINEAR_F32(x, w.qweight, w.scales, w.offsets, w.bits, w.zero, bias)
     return F.linear(x, w.dequantize(), bias)
 
 
@@ -130,13 +149,13 @@ def dequantize_shared(w: PackedWeight, use_kernel: bool) -> torch.Tensor:
     if _scratch.numel() < n * k:
         _scratch = torch.empty(n * k)
     out = _scratch[:n * k]
-    torch.ops.cpu_llm.dequantize_into(w.qweight, w.scales, w.offsets, w.bits, w.zero, out)
+    _DEQUANTIZE_INTO(w.qweight, w.scales, w.offsets, w.bits, w.zero, out)
     return out.view(n, k)
 
 
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ weight.T in fp32 with our matrix-vector kernel (decode on hosts whose BLAS is slow)."""
-    return torch.ops.cpu_llm.linear_f32(x, weight, bias)
+    return _LINEAR_F32(x, weight, bias)
 
 
 def slot_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -144,7 +163,7 @@ def slot_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posi
                    scale: float) -> torch.Tensor:
     """Rotary embedding, KV-cache write and attention for N tokens, each at its own (slot,
     position); see kernels/csrc/attention.cpp. qkv (N, (heads + 2 kv_heads) * D) -> (N, heads * D)."""
-    return torch.ops.cpu_llm.slot_attention(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, scale)
+    return _SLOT_ATTENTION(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, scale)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -174,17 +193,17 @@ def slot_attention_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Te
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (N, H) / sqrt(mean(x^2) + eps) * weight, one op."""
-    return torch.ops.cpu_llm.rms_norm(x, weight, eps)
+    return _RMS_NORM(x, weight, eps)
 
 
 def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x += delta in place (the residual stream), then rms_norm(x), in one op."""
-    return torch.ops.cpu_llm.add_rms_norm_(x, delta, weight, eps)
+    return _ADD_RMS_NORM_(x, delta, weight, eps)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up (N, 2 I) = [gate | up] -> (N, I)."""
-    return torch.ops.cpu_llm.silu_mul(gate_up)
+    return _SILU_MUL(gate_up)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -94,6 +94,90 @@ void qlinear_bits(const QuantActs& a, const QuantWeights& w, int64_t n0, int64_t
   }
 }
 
+// The last block of a row with an odd number of blocks, as a pair whose second block is zero.
+template <int BITS>
+inline __m512i load_tail(const uint8_t* row, int64_t b) {
+  if constexpr (BITS == 8) {
+    const __m512i v = _mm512_maskz_loadu_epi8(0xFFFFFFFFull, row + b * kBlock);
+    return _mm512_mask_xor_epi32(v, 0x00FF, v, _mm512_set1_epi8(static_cast<char>(0x80)));
+  } else {
+    const __m256i v = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlock / 2)));
+    __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+    both = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
+    return _mm512_shuffle_i64x2(both, both, _MM_SHUFFLE(3, 1, 2, 0));
+  }
+}
+
+inline float scale_of(const QuantWeights& w, int64_t i) {
+  if (w.scales_fp16) return _cvtsh_ss(static_cast<const uint16_t*>(w.scales)[i]);
+  return static_cast<const float*>(w.scales)[i];
+}
+
+// [scale of block b x 8, of block b + 1 x 8] of row n (grouped weights).
+inline __m512 pair_scales(const QuantWeights& w, int64_t n, int64_t b) {
+  const int64_t per_group = w.group() / kBlock, at = n * w.groups + b / per_group;
+  if (per_group > 1) return _mm512_set1_ps(scale_of(w, at));  // b and b + 1 share a group
+  if (b + 1 == w.groups) return _mm512_insertf32x8(_mm512_set1_ps(scale_of(w, at)), _mm256_setzero_ps(), 1);
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  const __m128 two = w.scales_fp16
+      ? _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(static_cast<const uint16_t*>(w.scales) + at)))
+      : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(static_cast<const float*>(w.scales) + at)));
+  return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(two));
+}
+
+// NR weight rows from n x R activation rows from m0.
+template <int BITS, int NR, int R, bool GROUPED>
+void sym_tile(const QuantActs& a, const PairActs& p, const QuantWeights& w, int64_t n, int64_t m0, float* y,
+              int64_t ldy) {
+  const int64_t nb = a.K / kBlock, full = nb / 2, bytes = kBlock * BITS / 8;
+  const uint8_t* rows[NR];
+  for (int j = 0; j < NR; ++j) rows[j] = w.data + (n + j) * w.row_bytes();
+  __m512 acc[R][NR];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  auto pair = [&](int64_t q, bool tail) {
+    const int64_t b = 2 * q;
+    __m512i u[NR];
+    __m512 ws[NR];
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[j]) + b * bytes + kPrefetch, _MM_HINT_T0);
+      u[j] = tail ? load_tail<BITS>(rows[j], b) : load_pair<BITS>(rows[j], b);
+      if constexpr (GROUPED) ws[j] = pair_scales(w, n + j, b);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xq = a.q + ((m0 + r) * nb + b) * kBlock;
+      const __m512i xv = tail ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, xq) : _mm512_loadu_si512(xq);
+      const int64_t at = ((m0 + r) * p.pairs + q) * 16;
+      const __m512i nc = _mm512_loadu_si512(p.neg_corr + at);
+      const __m512 sv = _mm512_loadu_ps(p.scale + at);
+      for (int j = 0; j < NR; ++j) {
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, u[j], xv));
+        acc[r][j] = _mm512_fmadd_ps(dot, GROUPED ? _mm512_mul_ps(sv, ws[j]) : sv, acc[r][j]);
+      }
+    }
+  };
+  for (int64_t q = 0; q < full; ++q) pair(q, false);
+  if (full < p.pairs) pair(full, true);
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < NR; ++j) {
+      const float sum = _mm512_reduce_add_ps(acc[r][j]);
+      y[(m0 + r) * ldy + n + j] = GROUPED ? sum : sum * scale_of(w, n + j);
+    }
+  }
+}
+
+template <int BITS, bool GROUPED>
+void qlinear_sym(const QuantActs& a, const PairActs& p, const QuantWeights& w, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    for_each_tile(a.M, [&]<int R>(int64_t m) { sym_tile<BITS, 4, R, GROUPED>(a, p, w, n, m, y, ldy); });
+  }
+  for (; n < n1; ++n) {
+    for_each_tile(a.M, [&]<int R>(int64_t m) { sym_tile<BITS, 1, R, GROUPED>(a, p, w, n, m, y, ldy); });
+  }
+}
+
 template <int R>
 void linear_f32_tile(const float* x, int64_t m0, int64_t K, const float* wrow, int64_t n, float* y, int64_t ldy) {
   __m512 acc[R][2];
@@ -123,6 +207,36 @@ void qlinear_avx512(const QuantActs& acts, const QuantWeights& w, int64_t n0, in
                     float* scratch) {
   if (w.bits == 8) qlinear_bits<8>(acts, w, n0, n1, y, ldy, scratch);
   else qlinear_bits<4>(acts, w, n0, n1, y, ldy, scratch);
+}
+
+void prepare_pairs_avx512(const QuantActs& a, int zero_u, int32_t* neg_corr, float* scale) {
+  const int64_t nb = a.K / kBlock, pairs = (nb + 1) / 2;
+  const __m512i zeros = _mm512_set1_epi8(static_cast<char>(zero_u));
+  for (int64_t m = 0; m < a.M; ++m) {
+    for (int64_t q = 0; q < pairs; ++q) {
+      const int64_t b = 2 * q;
+      const bool tail = b + 1 == nb;
+      const int8_t* xq = a.q + (m * nb + b) * kBlock;
+      const __m512i xv = tail ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, xq) : _mm512_loadu_si512(xq);
+      const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), zeros, xv);
+      _mm512_storeu_si512(neg_corr + (m * pairs + q) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), corr));
+      const float* sx = a.scale + m * nb + b;
+      const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(sx[0]), _mm256_set1_ps(tail ? 0.f : sx[1]), 1);
+      _mm512_storeu_ps(scale + (m * pairs + q) * 16, sv);
+    }
+  }
+}
+
+void qlinear_sym_avx512(const QuantActs& acts, const PairActs& pairs, const QuantWeights& w, int64_t n0, int64_t n1,
+                        float* y, int64_t ldy) {
+  const bool grouped = w.groups > 1;
+  if (w.bits == 8) {
+    if (grouped) qlinear_sym<8, true>(acts, pairs, w, n0, n1, y, ldy);
+    else qlinear_sym<8, false>(acts, pairs, w, n0, n1, y, ldy);
+  } else {
+    if (grouped) qlinear_sym<4, true>(acts, pairs, w, n0, n1, y, ldy);
+    else qlinear_sym<4, false>(acts, pairs, w, n0, n1, y, ldy);
+  }
 }
 
 void linear_f32_avx512(const float* x, int64_t M, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,

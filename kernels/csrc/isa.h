@@ -64,6 +64,23 @@ void combined_scales_avx2(const QuantActs& a, int64_t m0, int rows, const float*
 void add_offsets_avx2(const QuantActs& a, int64_t m0, int rows, const QuantWeights& w, int64_t n, const float* wsb,
                       float shift, float* ofs);
 
+// Activations prepared for symmetric weights on AVX-512 (no stored offsets; the stored value u
+// stands for (u - zero_u) x scale, zero_u an integer 0..255): per row and per pair of blocks,
+//   neg_corr: 16 int32 lanes, -zero_u x (the lane's 4 activation bytes summed), the start value of
+//             the VNNI accumulation, so that it yields sum((u - zero_u) x q) exactly in integers;
+//   scale:    16 floats, [block scale of b x 8, of b + 1 x 8] (0 past the last block).
+struct PairActs {
+  const int32_t* neg_corr;  // [M, pairs, 16]
+  const float* scale;       // [M, pairs, 16]
+  int64_t pairs;            // ceil(K / kBlock / 2)
+};
+
+void prepare_pairs_avx512(const QuantActs& acts, int zero_u, int32_t* neg_corr, float* scale);
+// y[m, n] for symmetric weights: four weight rows per pass (four independent memory streams
+// sharing each activation load), no per-row prologue; the row scale applied once at the end.
+void qlinear_sym_avx512(const QuantActs& acts, const PairActs& pairs, const QuantWeights& w, int64_t n0, int64_t n1,
+                        float* y, int64_t ldy);
+
 // y[m, n] with the weight dequantized in registers, fp32 activations and accumulation.
 void woq_f32_avx2(const float* x, int64_t M, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy);
 

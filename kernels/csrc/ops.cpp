@@ -110,6 +110,19 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scal
   const QuantActs acts{xq.data(), xs.data(), xsum.data(), gsum.data(), M, w.K};
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
+  // Symmetric weights on AVX-512: the zero point is taken out in integers (PairActs).
+  const float zero_f = w.zero + (bits == 8 ? 128.f : 0.f);  // int8 weights are read as w + 128
+  const int zero_u = static_cast<int>(zero_f);
+  if (isa == kAvx512 && w.offsets == nullptr && zero_f == static_cast<float>(zero_u) && zero_u >= 0 && zero_u <= 255) {
+    const int64_t pairs = (nb + 1) / 2;
+    thread_local std::vector<int32_t> neg_corr;
+    thread_local std::vector<float> pair_scale;
+    neg_corr.resize(M * pairs * 16), pair_scale.resize(M * pairs * 16);
+    prepare_pairs_avx512(acts, zero_u, neg_corr.data(), pair_scale.data());
+    const PairActs prepared{neg_corr.data(), pair_scale.data(), pairs};
+    at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { qlinear_sym_avx512(acts, prepared, w, n0, n1, yp, N); });
+    return finish(y, bias, "qlinear");
+  }
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
     std::vector<float> scratch((1 + kMaxTile) * nb);  // this thread's block scales
     if (isa == kAvx512) qlinear_avx512(acts, w, n0, n1, yp, N, scratch.data());
