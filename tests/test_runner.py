@@ -168,6 +168,7 @@ def test_quantized_runner_rows_are_exactly_batch_invariant(model_dir, config):
     """No padding and row-independent kernels: with our runner even int8 compute gives a request
     the same tokens alone and in a batch, prefilled in any chunk size."""
     raw = yaml.safe_load((ROOT / "configs" / config).read_text())
+    raw["quantization"]["backend"] = "native"  # auto picks IPEX on an AMX host in the ipex stack
     served, info = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
     attach_runner(served, "llama", slots=4, length=256, prefill_chunk=256)
     assert served.report["runner"] == "llama"
