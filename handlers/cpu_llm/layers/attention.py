@@ -27,6 +27,7 @@ class SlotKVCache:
         shape = (layers, slots, kv_heads, length, head_dim)
         self.keys = torch.empty(shape)  # (layers, slots, kv_heads, length, head_dim)
         self.values = torch.empty(shape)
+        self.layer_keys, self.layer_values = list(self.keys.unbind(0)), list(self.values.unbind(0))  # views per layer
         self.slots, self.length = slots, length
         self.free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
 
@@ -55,5 +56,5 @@ def attention(qkv: torch.Tensor, rotary: RotaryTable, positions: torch.Tensor, s
               cache: SlotKVCache, layer: int, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
     """Rotate q and k, write k and v at each token's (slot, position), attend over each token's
     own slot up to its position. qkv (N, (heads + 2 kv_heads) * D) -> (N, heads * D)."""
-    return ops.slot_attention(qkv, rotary.cos, rotary.sin, positions, slots, cache.keys[layer],
-                              cache.values[layer], heads, kv_heads, scale)
+    return ops.slot_attention(qkv, rotary.cos, rotary.sin, positions, slots, cache.layer_keys[layer],
+                              cache.layer_values[layer], heads, kv_heads, scale)

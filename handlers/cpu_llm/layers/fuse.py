@@ -5,13 +5,18 @@ Every weight format we serve is quantized per output row (or per group along a r
 fused layer's weight is the row-wise concatenation of the parts' stored weights: quantizing the
 concatenation would give the same integers and scales. Parts of different kinds (one kept in
 fp32 by `keep_full_precision`, say) are not merged: `Concat` runs them side by side.
+
+Full-precision weights are not merged either: transformers memory-maps fp32 checkpoints, so a
+concatenated copy would be resident beside the mapped pages it was read from (measured on a 1B
+model: serving RSS 7.0 GB instead of 4.5), while merging saves only two op calls per layer on a
+bandwidth-bound fp32 step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..quantized_linear import FullPrecisionLinear, QuantizedLinear
+from ..quantized_linear import QuantizedLinear
 from ..quantlib import PackedWeight
 
 
@@ -33,14 +38,6 @@ def _cat_bias(parts: list[torch.nn.Module], rows: list[int]) -> torch.Tensor | N
                       for p, n in zip(parts, rows)])
 
 
-def _plain(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = torch.nn.Parameter(bias, requires_grad=False)
-    return linear
-
-
 def _quantized_key(m: QuantizedLinear) -> tuple:
     return (m.kind, m.compute, m.bits, m.zero, m.spec, m.scales.dtype, m.offsets is None, m.in_features)
 
@@ -48,15 +45,7 @@ def _quantized_key(m: QuantizedLinear) -> tuple:
 def fuse_linears(parts: list[torch.nn.Module]) -> torch.nn.Module:
     """One layer computing cat([part(x) for part in parts], -1)."""
     kinds = {type(p) for p in parts}
-    if kinds == {torch.nn.Linear} or kinds == {FullPrecisionLinear}:
-        if len({p.weight.shape[1] for p in parts}) == 1 and len({p.weight.dtype for p in parts}) == 1:
-            rows = [p.weight.shape[0] for p in parts]
-            bias = _cat_bias(parts, rows)
-            linear = _plain(torch.cat([p.weight.detach() for p in parts]), bias)
-            if kinds == {torch.nn.Linear}:
-                return linear
-            return FullPrecisionLinear(linear, use_kernel=all(p.use_kernel for p in parts))
-    elif kinds == {QuantizedLinear} and len({_quantized_key(p) for p in parts}) == 1:
+    if kinds == {QuantizedLinear} and len({_quantized_key(p) for p in parts}) == 1:
         first = parts[0]
         packed = PackedWeight(
             torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),

@@ -21,6 +21,7 @@ import torch
 from .. import ops
 from ..layers.attention import RotaryTable, SlotKVCache, attention
 from ..layers.fuse import fuse_linears
+from ..loader import release_freed_memory
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Rotary variants whose angles depend on the sequence length: a fixed table cannot serve them.
@@ -92,12 +93,15 @@ class LlamaModel(torch.nn.Module):
                            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
                            head_dim=first.head_dim, eps=base.norm.variance_epsilon, scale=first.scaling)
         self.embed_tokens = base.embed_tokens
-        self.layers = torch.nn.ModuleList(DecoderLayer(layer) for layer in base.layers)
+        self.layers = torch.nn.ModuleList()
+        for index in range(len(base.layers)):  # each Hugging Face layer let go once converted
+            self.layers.append(DecoderLayer(base.layers[index]))
+            base.layers[index] = torch.nn.Identity()
+            release_freed_memory()  # its unfused parts back to the OS: the peak stays one layer above
         self.norm = base.norm.weight
         self.lm_head = hf_model.lm_head
         self.inv_freq = base.rotary_emb.inv_freq.detach().float()
         self.rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
-        hf_model.model.layers = torch.nn.ModuleList()  # the weights now live here only
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                 rotary: RotaryTable, cache: SlotKVCache) -> torch.Tensor:
