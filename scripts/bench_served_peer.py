@@ -56,11 +56,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_server(work: Path, gguf: Path, streams: int, threads: int, context: int, port: int) -> subprocess.Popen:
+def llama_server(binary: Path, gguf: Path, streams: int, threads: int, context: int, port: int) -> subprocess.Popen:
     """llama-server on `gguf` with `streams` slots of `context` tokens each, ready to serve."""
-    log = open(work / f"llama-server-{gguf.stem}.log", "w")
+    log = open(gguf.parent / f"llama-server-{gguf.stem}.log", "w")
     process = subprocess.Popen(
-        [str(work / "bin" / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
          "-t", str(threads), "--parallel", str(streams), "-cb", "-c", str(streams * context), "--no-webui"],
         stdout=log, stderr=subprocess.STDOUT)
     for _ in range(120):
@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=60, help="seconds each server is measured")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"))
+    parser.add_argument("--llama-server", type=Path,
+                        help="llama-server binary (default: --work/bin/llama-server). On VMs that report AMX but "
+                             "fault on it, build one with -mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "served-peer")
     args = parser.parse_args()
     prefix = prepare_peer(args.work, [args.model_dir])[args.model_dir]
@@ -102,7 +105,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = served_config(mode, args.streams, args.threads, Path(tmp))
             port = free_port()
-            server = llama_server(args.work, Path(f"{prefix}-{fmt}.gguf"), args.streams, args.threads, context, port)
+            server = llama_server(args.llama_server or args.work / "bin" / "llama-server", Path(f"{prefix}-{fmt}.gguf"),
+                                  args.streams, args.threads, context, port)
             try:
                 subprocess.run([sys.executable, str(ROOT / "load_tests" / "sweep.py"), "--api", "openai",
                                 "--config", str(config), "--openai-target", f"llama-server-{fmt}=http://127.0.0.1:{port}/v1",

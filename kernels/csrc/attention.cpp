@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -23,6 +24,8 @@
 
 namespace cpu_llm {
 namespace {
+
+constexpr int64_t kWorkPerTask = 16384;  // multiply-adds of q . k per thread task (and as many for v)
 
 void check_float(const torch::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.dim() == dim, "slot_attention: ", name,
@@ -71,8 +74,14 @@ torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor
   const int64_t width = qkv.size(1), half = D / 2, group = heads / kv_heads;
   auto at_cache = [&](float* cache, int64_t n, int64_t h) { return cache + ((slot[n] * kv_heads + h) * L + pos[n]) * D; };
 
+  // Split between threads only when there is enough work to pay for it: a decode step over short
+  // contexts is a few microseconds, about what waking the other threads costs.
+  int64_t attended = 0;
+  for (int64_t n = 0; n < N; ++n) attended += pos[n] + 1;
+  const int64_t per_head = std::max<int64_t>(1, attended * D / N);
+  const int64_t grain = std::max<int64_t>(1, kWorkPerTask / per_head);
   // Every key and value of the call first (a chunk's later tokens attend to its earlier ones).
-  at::parallel_for(0, N * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * kv_heads, N * kv_heads < 64 ? N * kv_heads : 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / kv_heads, h = i % kv_heads;
       const float* row = x + n * width;
@@ -82,7 +91,7 @@ torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor
   });
   auto out = torch::empty({N, heads * D}, qkv.options());
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, N * heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> q(D), scores(L);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / heads, h = i % heads, kvh = h / group;
