@@ -57,3 +57,13 @@ def test_top_k_one_sampling_equals_greedy():
     params = SamplingParams(do_sample=True, temperature=1.5, top_k=1)
     token = pick_next_token(logits, params, torch.tensor([], dtype=torch.long), make_generator(None))
     assert token == int(logits.argmax())
+
+
+def test_sampling_follows_the_distribution_and_never_draws_filtered_tokens():
+    from cpu_llm.sampling import sample
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    generator = make_generator(3)
+    counts = torch.bincount(torch.tensor([sample(probs, generator) for _ in range(4000)]), minlength=6)
+    assert counts[0] == counts[2] == counts[5] == 0
+    torch.testing.assert_close(counts.float() / 4000, probs, atol=0.03, rtol=0)
