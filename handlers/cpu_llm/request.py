@@ -71,6 +71,8 @@ def decode_body(body: Any) -> Mapping[str, Any]:
             body = json.loads(body)
         except json.JSONDecodeError as exc:
             raise RequestError("body", f"is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        except ValueError as exc:  # e.g. an integer of more than 4,300 digits (Python's conversion limit)
+            raise RequestError("body", f"is not acceptable JSON: {exc}") from None
         except RecursionError:
             raise RequestError("body", "is nested too deeply") from None
     if not isinstance(body, Mapping):
@@ -86,15 +88,22 @@ def decode_body(body: Any) -> Mapping[str, Any]:
     return body
 
 
+def _short(value: int | float) -> str:
+    """A number for an error message: a 5,000-digit integer would not even convert to text."""
+    return f"{value:.6g}" if isinstance(value, float) else (str(value) if abs(value) < 10**30 else "a huge integer")
+
+
 def _number(body: Mapping[str, Any], name: str, default: float, low: float, high: float,
             low_inclusive: bool = True) -> float:
     value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(name, f"must be a number, got {json.dumps(value)}")
+    # isfinite() of an integer too large for a float raises OverflowError: test floats only.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                          and not math.isfinite(value)):
+        raise RequestError(name, f"must be a number, got {json.dumps(value)[:40]}")
     too_low = value < low if low_inclusive else value <= low
     if too_low or value > high:
         bracket = "[" if low_inclusive else "("
-        raise RequestError(name, f"must be in {bracket}{low}, {high}], got {value}")
+        raise RequestError(name, f"must be in {bracket}{low}, {high}], got {_short(value)}")
     return float(value)
 
 

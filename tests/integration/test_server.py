@@ -7,6 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from test_request_properties import bodies, raw_bodies
+
+from cpu_llm.request import KNOWN_FIELDS
 
 from .server import package, running_server
 
@@ -118,6 +122,22 @@ def test_bad_requests_do_not_spoil_their_batch(server):
 def test_worker_stays_up_after_bad_input(server):
     for body, _ in BAD_REQUESTS[:4]:
         predict(server, body)
+    described = requests.get(f"{server['management']}/models/smollm2", timeout=10).json()[0]
+    assert [w["status"] for w in described["workers"]] == ["READY"]
+    assert predict(server, {"prompt": "Hello", "max_new_tokens": 2}).status_code == 200
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=raw_bodies(KNOWN_FIELDS) | bodies(KNOWN_FIELDS))
+def test_generated_bodies_get_an_answer_or_a_4xx(server, body):
+    """A sample of the property tests' bodies (tests/test_request_properties.py), sent for real."""
+    response = predict(server, body if isinstance(body, bytes) else json.dumps(body))
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert "field" in response.json()["error"]
+
+
+def test_worker_is_ready_after_the_generated_bodies(server):
     described = requests.get(f"{server['management']}/models/smollm2", timeout=10).json()[0]
     assert [w["status"] for w in described["workers"]] == ["READY"]
     assert predict(server, {"prompt": "Hello", "max_new_tokens": 2}).status_code == 200
