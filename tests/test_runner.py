@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cpu_llm import ops
 from cpu_llm.config import ConfigError, ServingConfig, parse_serving_config
@@ -216,6 +216,24 @@ def test_runner_choice_falls_back_or_fails_with_the_reason():
         attach_runner(served, "llama", slots=1, length=64, prefill_chunk=16)
     attach_runner(served, "auto", slots=1, length=64, prefill_chunk=16)
     assert served.runner is None and served.report["runner"] == "hf" and served.model is gpt2
+
+
+def test_a_bf16_model_stays_on_the_hugging_face_path_and_a_small_llama_runs_on_ours():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    bf16 = ServedModel(LlamaForCausalLM(config).eval().to(torch.bfloat16), lambda n: None, "native", {})
+    attach_runner(bf16, "auto", slots=2, length=32, prefill_chunk=8)
+    assert bf16.runner is None and bf16.report["runner"] == "hf"
+    hf = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[5, 17, 3, 99, 42, 8]])
+    with torch.inference_mode():
+        expected = hf(ids).logits[0]  # (T, vocab)
+    served = ServedModel(hf, lambda n: None, "native", {})
+    attach_runner(served, "llama", slots=2, length=32, prefill_chunk=8)
+    positions = list(range(6))
+    got = served.runner.run(ids[0].tolist(), positions, [1] * 6, positions)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_runner_keys_are_validated():

@@ -52,6 +52,8 @@ def unsupported_reason(model: torch.nn.Module, context: int) -> str | None:
     rope = getattr(model.model.rotary_emb, "rope_type", "default")
     if rope in _LENGTH_DEPENDENT_ROPE:
         return f"rope_type {rope} (its angles change with the sequence length)"
+    if model.model.norm.weight.dtype != torch.float32:
+        return f"weights in {model.model.norm.weight.dtype} (the runner computes in float32)"
     head_dim = model.model.layers[0].self_attn.head_dim
     if head_dim % 8:
         return f"head_dim {head_dim} is not a multiple of 8"
