@@ -87,6 +87,8 @@ def encode_prompt(tokenizer, request: GenerationRequest, max_prompt_tokens: int)
     else:
         ids = tokenizer(request.prompt).input_ids
         field = "prompt"
+    if not ids:
+        raise RequestError(field, "encodes to no tokens; send some text")
     if len(ids) > max_prompt_tokens:
         raise RequestError(
             field, f"is {len(ids)} tokens long; this server accepts at most {max_prompt_tokens}"
