@@ -209,7 +209,7 @@ def _runner_speed(runner, prompts: list[list[int]], steps: int) -> dict[str, flo
     return {f"prefill_tok_s_b{batch}": batch * length / prefill_s, f"decode_tok_s_b{batch}": batch * steps / decode_s}
 
 
-MATMUL_MODULES = ("Linear", "QuantizedLinear", "FullPrecisionLinear", "QuantizedEmbedding")
+MATMUL_MODULES = ("Linear", "QuantizedLinear", "FullPrecisionLinear", "FullPrecisionGroup", "QuantizedEmbedding")
 
 
 def framework_overhead_ms(runner, prompt_len: int = 32, steps: int = 32) -> dict[str, float]:

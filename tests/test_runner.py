@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cpu_llm import ops
 from cpu_llm.config import ConfigError, ServingConfig, parse_serving_config
 from cpu_llm.generation import Sequence
-from cpu_llm.layers.fuse import Concat, fuse_linears
+from cpu_llm.layers.fuse import Concat, FullPrecisionGroup, fuse_linears
 from cpu_llm.model import encode_prompt
 from cpu_llm.quantize import ServedModel, load_for_serving
 from cpu_llm.quantized_linear import FullPrecisionLinear, QuantizedLinear
@@ -120,6 +121,18 @@ def test_fp32_and_mixed_projections_run_side_by_side():
             fused = fuse_linears(group)
             assert isinstance(fused, Concat) and all(a is b for a, b in zip(fused.parts, group))
             assert torch.equal(fused(x), torch.cat([p(x) for p in group], -1))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_fp32_parts_on_our_kernel_are_one_call_over_the_weights_in_place(rows):
+    parts = [FullPrecisionLinear(p, use_kernel=True) for p in _linears([True, False, True], rows=(48, 16, 16))]
+    group = fuse_linears(parts)
+    assert isinstance(group, FullPrecisionGroup) and all(w is p.weight for w, p in zip(group.weights, parts))
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(group(x), torch.cat([F.linear(x, p.weight, p.bias) for p in parts], -1))
+    with pytest.raises(RuntimeError, match=r"every weight must be a contiguous float32 \[N, K = 96\]"):
+        ops.linear_f32_cat(x, [parts[0].weight, torch.zeros(4, 95)], None)
 
 
 # --- the model ------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ def _op(name: str):
     return getattr(torch.ops.cpu_llm, name).default if _kernels is not None else None
 
 
-_QLINEAR, _WOQ_LINEAR_F32, _DEQUANTIZE_INTO, _LINEAR_F32 = (
-    _op("qlinear"), _op("woq_linear_f32"), _op("dequantize_into"), _op("linear_f32"))
+_QLINEAR, _WOQ_LINEAR_F32, _DEQUANTIZE_INTO, _LINEAR_F32, _LINEAR_F32_CAT = (
+    _op("qlinear"), _op("woq_linear_f32"), _op("dequantize_into"), _op("linear_f32"), _op("linear_f32_cat"))
 _SLOT_ATTENTION, _RMS_NORM, _ADD_RMS_NORM_, _SILU_MUL = (
     _op("slot_attention"), _op("rms_norm"), _op("add_rms_norm_"), _op("silu_mul"))
 BLOCK = 32  # activations are quantized in blocks of 32 values (kernels/csrc/isa.h)
@@ -76,6 +76,10 @@ if _kernels is not None:
     @torch.library.register_fake("cpu_llm::linear_f32")
     def _(x, weight, bias):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("cpu_llm::linear_f32_cat")
+    def _(x, weights, bias):
+        return x.new_empty(x.shape[0], sum(w.shape[0] for w in weights))
 
     @torch.library.register_fake("cpu_llm::rms_norm")
     def _(x, weight, eps):
@@ -156,6 +160,11 @@ def dequantize_shared(w: PackedWeight, use_kernel: bool) -> torch.Tensor:
 def linear_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ weight.T in fp32 with our matrix-vector kernel (decode on hosts whose BLAS is slow)."""
     return _LINEAR_F32(x, weight, bias)
+
+
+def linear_f32_cat(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ cat(weights).T in fp32 without concatenating the weights (see FullPrecisionGroup)."""
+    return _LINEAR_F32_CAT(x, weights, bias)
 
 
 def slot_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,

@@ -8,8 +8,9 @@
 //       the same weights dequantized in registers, fp32 activations and accumulation.
 //   dequantize_into(qweight, scales, offsets, bits, zero, out)
 //       the fp32 weight, for the float GEMM of long prefills.
-//   linear_f32(x, weight, bias)
-//       fp32 matrix-vector products, for hosts whose BLAS is slow at decode shapes.
+//   linear_f32(x, weight, bias), linear_f32_cat(x, weights, bias)
+//       fp32 matrix-vector products, for hosts whose BLAS is slow at decode shapes; _cat writes
+//       the products with several weights side by side (x @ cat(weights).T) in one call.
 //
 // This file is compiled for baseline x86-64; AVX2 and AVX-512 code lives in avx2.cpp and
 // avx512.cpp, compiled with their own target attributes, and is only called on CPUs that
@@ -17,6 +18,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <string>
 #include <vector>
@@ -157,21 +159,40 @@ void dequantize_into(torch::Tensor qweight, torch::Tensor scales, c10::optional<
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { dequantize_avx2(w, n0, n1, dst); });
 }
 
-torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat && weight.is_contiguous(),
-              "linear_f32: weight must be a contiguous float32 [N, K] tensor, got ", weight.scalar_type(), " ",
-              weight.sizes());
-  const int64_t M = x.size(0), N = weight.size(0), K = weight.size(1);
+// y = x @ cat(weights).T (+ bias) without concatenating the weights: each output column range
+// reads its own weight, all in one parallel region (fused q/k/v or gate/up kept in place).
+torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(!weights.empty(), "linear_f32: at least one weight is needed");
+  const int64_t K = weights[0].size(-1);
+  std::vector<int64_t> start{0};  // first output column of each weight
+  for (const auto& weight : weights) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat && weight.is_contiguous() &&
+                    weight.size(1) == K,
+                "linear_f32: every weight must be a contiguous float32 [N, K = ", K, "] tensor, got ",
+                weight.scalar_type(), " ", weight.sizes());
+    start.push_back(start.back() + weight.size(0));
+  }
   check_x(x, K, "linear_f32");
   const Isa isa = current_isa();
+  const int64_t M = x.size(0), N = start.back();
   auto y = torch::empty({M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    if (isa == kAvx512) linear_f32_avx512(xp, M, K, wp, n0, n1, yp, N);
-    else linear_f32_avx2(xp, M, K, wp, n0, n1, yp, N);
+    for (size_t part = 0; part < weights.size(); ++part) {
+      const int64_t lo = std::max(n0, start[part]) - start[part], hi = std::min(n1, start[part + 1]) - start[part];
+      if (lo >= hi) continue;
+      const float* wp = weights[part].data_ptr<float>();
+      float* yo = yp + start[part];  // the kernels write y[m * ldy + n] for n in [lo, hi)
+      if (isa == kAvx512) linear_f32_avx512(xp, M, K, wp, lo, hi, yo, N);
+      else linear_f32_avx2(xp, M, K, wp, lo, hi, yo, N);
+    }
   });
   return finish(y, bias, "linear_f32");
+}
+
+torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  return linear_f32_cat(x, {weight}, bias);
 }
 
 }  // namespace
@@ -184,6 +205,7 @@ TORCH_LIBRARY(cpu_llm, m) {
         "Tensor? bias) -> Tensor");
   m.def("dequantize_into(Tensor qweight, Tensor scales, Tensor? offsets, int bits, float zero, Tensor(a!) out) -> ()");
   m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_f32_cat(Tensor x, Tensor[] weights, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cpu_llm, CPU, m) {
@@ -191,6 +213,7 @@ TORCH_LIBRARY_IMPL(cpu_llm, CPU, m) {
   m.impl("woq_linear_f32", &cpu_llm::woq_linear_f32);
   m.impl("dequantize_into", &cpu_llm::dequantize_into);
   m.impl("linear_f32", &cpu_llm::linear_f32);
+  m.impl("linear_f32_cat", &cpu_llm::linear_f32_cat);
 }
 
 // The Python module only reports and selects the ISA; the ops above are what callers use.
