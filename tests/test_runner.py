@@ -200,6 +200,21 @@ def test_requests_wait_for_a_free_slot(loaded, runner_served):
     assert max(r.batch_size for r in results) == 3 and len(small.cache.free) == 2
 
 
+def test_an_error_mid_batch_gives_the_slots_back(loaded, runner_served, monkeypatch):
+    runner = runner_served.runner
+    engine = SlotEngine(runner, loaded[1], request_timeout_s=600)
+    calls = []
+
+    def fail_on_second_step(seqs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("client write failed")
+
+    with pytest.raises(RuntimeError, match="client write failed"):
+        engine.generate(_seqs(loaded[1], BODIES), on_step=fail_on_second_step)
+    assert engine.in_flight == 0 and len(runner.cache.free) == runner.cache.slots
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_while_running_requests_keep_decoding(loaded, runner_served):
     info = loaded[1]
     engine = SlotEngine(runner_served.runner, info, request_timeout_s=600)

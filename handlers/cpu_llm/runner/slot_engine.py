@@ -63,13 +63,17 @@ class SlotEngine:
                  ) -> list[GenerationResult]:
         """Dynamic batching: run `seqs` until the last one finishes (`on_step` after every step)."""
         new = {f"batch-{index}": seq for index, seq in enumerate(seqs)}
-        self.step(new, set())
-        while True:
-            if on_step is not None:
-                on_step(seqs)
-            if not self.seqs:
-                return [seq.result() for seq in seqs]
-            self.step({}, set(self.seqs))
+        try:
+            self.step(new, set())
+            while True:
+                if on_step is not None:
+                    on_step(seqs)
+                if not self.seqs:
+                    return [seq.result() for seq in seqs]
+                self.step({}, set(self.seqs))
+        finally:  # an error mid-batch must not keep the shared cache's slots
+            for rid in list(self.seqs):
+                self._release(rid)
 
     def _forward(self) -> None:
         tokens: list[int] = []
@@ -103,7 +107,9 @@ class SlotEngine:
             if self.cached[rid] == len(seq.prompt_ids):
                 rows.append((rid, len(tokens) - 1))
         if not tokens:
-            return
+            # Only requests waiting for a slot, and no slot will come back: never spin on that.
+            raise RuntimeError(f"{len(self.seqs)} requests wait for a KV-cache slot and all "
+                               f"{self.runner.cache.slots} are taken by requests this engine does not hold")
         logits = self.runner.run(tokens, positions, slots, [index for _, index in rows])
         seqs = [self.seqs[rid] for rid, _ in rows]
         now = time.perf_counter()
