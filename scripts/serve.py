@@ -174,14 +174,20 @@ def stop(log_dir: Path | None = None) -> None:
         time.sleep(0.3)
 
 
-def write_ts_config(directory: Path, ports: dict[str, int], source: Path = ROOT / "config.properties") -> Path:
-    """A copy of config.properties whose listeners use `ports` ({"inference": 18080, ...})."""
+def write_ts_config(directory: Path, ports: dict[str, int], source: Path = ROOT / "config.properties",
+                    java_tmp: Path | None = None) -> Path:
+    """A copy of config.properties whose listeners use `ports` ({"inference": 18080, ...}).
+
+    With `java_tmp`, the frontend unpacks archives there instead of the system's /tmp/models,
+    where a killed server leaves a copy of the model behind (the tests use their own folder)."""
     lines = []
     for line in source.read_text().splitlines():
         key = line.split("=", 1)[0]
         name = key.replace("_address", "")
         if key.endswith("_address") and name in ports:
             line = f"{key}=http://127.0.0.1:{ports[name]}"
+        if key == "vmargs" and java_tmp is not None:
+            line = f"{line} -Djava.io.tmpdir={java_tmp}"
         lines.append(line)
     path = directory / "config.properties"
     path.write_text("\n".join(lines) + "\n")

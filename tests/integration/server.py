@@ -36,7 +36,8 @@ def running_server(tmp: Path, store: Path, models: list[str], timeout: float = 2
 
     With `token_auth` TorchServe's token authorization is on (as it is by default): the server
     runs in `tmp`, where it writes key_file.json, and the inference key is yielded as "key"."""
-    ts_config = serve.write_ts_config(tmp, ports)
+    (tmp / "java-tmp").mkdir(exist_ok=True)
+    ts_config = serve.write_ts_config(tmp, ports, java_tmp=tmp / "java-tmp")
     if not token_auth:
         with serve.running(ts_config, store, models, tmp / "logs", timeout) as urls:
             yield urls
