@@ -1,5 +1,6 @@
 #!/opt/venv/bin/python
-"""HEALTHCHECK: healthy only when every registered model has a READY worker.
+"""HEALTHCHECK and readiness probe: ready only when every registered model has a READY worker
+and the server is not draining for a shutdown (so a load balancer stops sending it requests).
 
 TorchServe's /ping says Healthy before any worker has loaded its model, so it cannot tell a
 load balancer when the container can serve. This asks the management API (inside the container)
@@ -12,6 +13,9 @@ import json
 import sys
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, "/app/handlers")
+from cpu_llm.shutdown import DRAINING, default_state_dir  # noqa: E402
 
 MANAGEMENT = "http://127.0.0.1:8081"
 KEY_FILE = Path("/home/serve/key_file.json")
@@ -26,6 +30,9 @@ def get(path: str):
 
 
 def ready() -> bool:
+    if (default_state_dir() / DRAINING).exists():
+        print("draining for a shutdown")
+        return False
     models = get("/models")["models"]
     return bool(models) and all(
         any(worker["status"] == "READY" for entry in get(f"/models/{m['modelName']}") for worker in entry["workers"])

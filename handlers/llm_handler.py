@@ -17,6 +17,7 @@ import http
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import psutil
@@ -37,9 +38,11 @@ from cpu_llm.routes import Api, Router
 from cpu_llm.runner.model_runner import attach_runner
 from cpu_llm.runner.slot_engine import SlotEngine
 from cpu_llm.serving_metrics import ServingMetrics
+from cpu_llm.shutdown import RETRY_AFTER_S, WorkerDrain
 from cpu_llm.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
+SHUTTING_DOWN = RequestError("server", "is shutting down and starts no new request; retry (another replica)", 503)
 
 
 class LLMHandler(BaseHandler):
@@ -63,6 +66,7 @@ class LLMHandler(BaseHandler):
         self.metrics = ServingMetrics(context.metrics)
         self.router = Router(self.manifest.get("model", {}).get("modelName", "model"))
         self.session = None
+        self.drain = WorkerDrain.from_env()
         if self.config.continuous_batching:
             engine = (SlotEngine(self.served.runner, self.tokenizer_info, self.config.request_timeout_s)
                       if self.served.runner is not None
@@ -80,9 +84,14 @@ class LLMHandler(BaseHandler):
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
         routes = [self.router.route(context.get_request_header(idx, "url_path"), context.request_ids[idx])
                   for idx in range(len(data))]
+        if self.drain.draining():  # graceful shutdown (shutdown.py): finish what runs, start nothing new
+            routes = [replace(route.error(SHUTTING_DOWN), headers=(("Retry-After", str(RETRY_AFTER_S)),))
+                      if _body_of(row) is not None and not isinstance(route, Reply) else route
+                      for route, row in zip(routes, data)]
         if self.session is not None:
             replies = self.session.handle([(context.request_ids[idx], _body_of(row), routes[idx])
                                            for idx, row in enumerate(data)])
+            self.drain.report(self.session.engine.in_flight)
             # True ends the HTTP response, False sends a chunk, None a complete response (see continuous.py).
             context.stopping_criteria = [(lambda _, stop=None if reply.whole else reply.final: stop)
                                          for reply in replies]
@@ -90,6 +99,8 @@ class LLMHandler(BaseHandler):
             replies = self._generate_batch(data, routes, context)
         for idx, reply in enumerate(replies):
             context.set_response_content_type(idx, reply.content_type)
+            for name, value in reply.headers:
+                context.set_response_header(idx, name, value)
             if reply.status != 200:
                 context.set_response_status(reply.status, http.HTTPStatus(reply.status).phrase, idx)
         return [reply.body for reply in replies]
@@ -125,7 +136,12 @@ class LLMHandler(BaseHandler):
 
         if valid:
             self.metrics.step(len(valid))
-            self.served.generate(self.tokenizer_info, list(valid.values()), on_step=send_new_text if streams else None)
+            self.drain.report(len(valid))
+            try:
+                self.served.generate(self.tokenizer_info, list(valid.values()),
+                                     on_step=send_new_text if streams else None)
+            finally:
+                self.drain.report(0)
         for idx, seq in valid.items():
             self.metrics.finished(seq)
             replies[idx] = apis[idx].finished(seq, streams.get(idx), self.tokenizer_info)

@@ -96,6 +96,19 @@ smoke() {
   status=$(curl -s -o /dev/null -w '%{http_code}' "$url" -H 'Content-Type: application/json' -d '{"prompt": "Hi"}')
   [ "$status" != 200 ] || { echo "container: a request without the token was served" >&2; exit 1; }
   echo "container: request without the token refused ($status)"
+  # Graceful stop (docker/entrypoint.py): a request being generated when SIGTERM arrives finishes.
+  curl -sN "$url" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+       -d '{"prompt": "The history of the Roman empire", "max_new_tokens": 60, "stream": true}' > /tmp/smoke-stream.jsonl &
+  local streaming=$!
+  until [ -s /tmp/smoke-stream.jsonl ]; do sleep 0.1; done
+  started=$SECONDS
+  $engine stop -t 40 "$name" >/dev/null
+  wait "$streaming"
+  python3 -c 'import json; last = json.loads(open("/tmp/smoke-stream.jsonl").read().splitlines()[-1]); assert last.get("completion_tokens") == 60, last' \
+    || { echo "container: the request in flight was cut by the stop" >&2; exit 1; }
+  [ "$($engine inspect --format '{{.State.ExitCode}}' "$name")" = 0 ] \
+    || { echo "container: exit code $($engine inspect --format '{{.State.ExitCode}}' "$name") after SIGTERM" >&2; exit 1; }
+  echo "container: SIGTERM with a request in flight: it finished, exit 0 after $((SECONDS - started)) s"
   trap - EXIT
   $engine rm -f "$name" >/dev/null
   echo "container: smoke test passed ($image, $($engine image inspect "$image" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}'))"

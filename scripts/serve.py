@@ -6,7 +6,10 @@ then polls the management API until a worker of every model is READY, and fails 
 with the tail of the logs if the server dies or a worker fails to load.
 
     python scripts/serve.py start [--models smollm2=smollm2.mar] [--ts-config config.properties]
-    python scripts/serve.py stop
+    python scripts/serve.py stop [--grace 25]
+
+`stop` is graceful (handlers/cpu_llm/shutdown.py): requests not yet started get a 503 with
+Retry-After, the ones being generated finish within the grace period, then TorchServe stops.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handlers"))
+from cpu_llm.shutdown import STATE_ENV, default_state_dir, drain, prepare  # noqa: E402
+
 # Lines in the logs that mean a worker could not load the model.
 LOAD_FAILURE_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")
 
@@ -125,7 +131,8 @@ def start(ts_config: Path, model_store: Path, models: list[str], log_dir: Path, 
     log_dir.mkdir(parents=True, exist_ok=True)
     for stale in log_dir.glob("*.log"):
         stale.unlink()  # a previous run's failure must not be mistaken for this one's
-    env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+    env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir),
+           STATE_ENV: str(prepare(default_state_dir()))}
     cmd = [torchserve, "--start", "--ncs", "--ts-config", str(ts_config),
            "--model-store", str(model_store), "--models", *models]
     # The server outlives this script: it must not hold our stdout/stderr open, or a
@@ -160,18 +167,21 @@ def _server_running() -> bool:
     return True
 
 
-def stop(log_dir: Path | None = None) -> None:
+def stop(log_dir: Path | None = None, grace_s: float = 0) -> int:
+    """Stop the server; with `grace_s`, drain first. Returns the requests cut by the stop."""
+    cut = drain(default_state_dir(), grace_s) if grace_s > 0 and _server_running() else 0
     env = dict(os.environ)
     if log_dir is not None:
         env["LOG_LOCATION"] = str(log_dir)
     torchserve = venv_tool("torchserve")
     if torchserve is None:
-        return
+        return cut
     subprocess.run([torchserve, "--stop"], env=env, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     deadline = time.monotonic() + 30
     while _server_running() and time.monotonic() < deadline:
         time.sleep(0.3)
+    return cut
 
 
 def write_ts_config(directory: Path, ports: dict[str, int], source: Path = ROOT / "config.properties",
@@ -236,10 +246,14 @@ def main() -> None:
     start_p.add_argument("--models", nargs="+", default=["smollm2=smollm2.mar"])
     start_p.add_argument("--log-dir", type=Path, default=ROOT / "logs")
     start_p.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
-    sub.add_parser("stop", help="stop the running TorchServe")
+    stop_p = sub.add_parser("stop", help="drain (finish the requests being generated), then stop TorchServe")
+    stop_p.add_argument("--grace", type=float, default=25,
+                        help="seconds to wait for requests in flight; 0 stops at once")
     args = parser.parse_args()
     if args.command == "stop":
-        stop()
+        cut = stop(grace_s=args.grace)
+        if cut:
+            print(f"serve: the grace period ended: {cut} request(s) were cut", file=sys.stderr)
         return
     started = time.monotonic()
     try:

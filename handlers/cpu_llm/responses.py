@@ -71,6 +71,7 @@ class Reply:
     # Continuous batching only: send `body` as one complete HTTP response now, although the
     # frontend keeps the request in flight (see continuous.py).
     whole: bool = False
+    headers: tuple[tuple[str, str], ...] = ()  # extra HTTP headers (Retry-After of a 503)
 
 
 def error_reply(error: RequestError) -> Reply:

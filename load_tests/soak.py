@@ -1,0 +1,229 @@
+"""Soak test: hold a server at saturation for a while and check that nothing drifts.
+
+Serves `--config` (continuous batching, `batchSize` = `--streams`) on spare ports, then keeps
+`--streams` clients busy: streamed requests of mixed prompt and output lengths, and a share of
+clients that disconnect mid-stream on purpose. Every `--interval` seconds it samples the RSS of
+the worker(s) and of the Java frontend, and the window's time to first token and inter-token
+latency (p50/p95 over the requests finished in the window). After `--warmup` it judges:
+- RSS: the workers' and the frontend's last sample may exceed their first post-warm-up sample by
+  at most `--max-rss-growth` (5 %);
+- failures: any request that failed other than by its deliberate disconnect;
+- latency: the median of the windows' inter-token p95 over the last third of the run may exceed
+  that of the first third by at most `--max-latency-drift` (20 %).
+Writes samples.csv and report.md into `--out`, prints the report, exits 1 if a check failed.
+
+    python load_tests/soak.py --duration 1800                 # the README's 30-minute run
+    python load_tests/soak.py --duration 120 --warmup 30      # what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import serve  # noqa: E402
+from build_archive import build_archive  # noqa: E402
+
+PORTS = {"inference": 28380, "management": 28381, "metrics": 28382}
+WORDS = (ROOT / "eval" / "heldout.txt").read_text().split() * 8  # prompts of up to 300 words
+
+
+class Window:
+    """What the clients saw since the last sample (guarded by the owner's lock)."""
+
+    def __init__(self) -> None:
+        self.ttft_ms: list[float] = []
+        self.itl_ms: list[float] = []
+        self.completed = self.disconnected = 0
+        self.failures: list[str] = []
+
+
+class Clients:
+    """`streams` threads, each sending its next streamed request as soon as the last ends."""
+
+    def __init__(self, url: str, streams: int, disconnect_share: float, seed: int) -> None:
+        self.url, self.disconnect_share = url, disconnect_share
+        self.lock = threading.Lock()
+        self.window = Window()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, args=(random.Random(seed + i),), daemon=True)
+                        for i in range(streams)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def take(self) -> Window:
+        with self.lock:
+            window, self.window = self.window, Window()
+        return window
+
+    def _loop(self, rng: random.Random) -> None:
+        session = requests.Session()
+        while not self.stop.is_set():
+            start = rng.randrange(len(WORDS) - 400)
+            body = {"prompt": " ".join(WORDS[start:start + rng.randint(5, 300)]),
+                    "max_new_tokens": rng.randint(8, 128), "stream": True}
+            hang_up_after = rng.randint(1, 4) if rng.random() < self.disconnect_share else None
+            try:
+                self._one(session, body, hang_up_after)
+            except Exception as error:  # noqa: BLE001  (a client that died would quietly lower the load)
+                with self.lock:
+                    self.window.failures.append(f"{type(error).__name__}: {error}")
+
+    def _one(self, session: requests.Session, body: dict, hang_up_after: int | None) -> None:
+        sent = time.perf_counter()
+        with session.post(self.url, json=body, stream=True, timeout=300) as response:
+            if response.status_code != 200:
+                with self.lock:
+                    self.window.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            first = None
+            lines = []
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                first = first or time.perf_counter()
+                lines.append(json.loads(line))
+                if hang_up_after is not None and len(lines) >= hang_up_after:
+                    break  # closing the response drops the connection: the server must cancel it
+        with self.lock:
+            if hang_up_after is not None and len(lines) >= hang_up_after and "finish_reason" not in lines[-1]:
+                self.window.disconnected += 1
+                return
+            last = lines[-1]
+            if "finish_reason" not in last:
+                self.window.failures.append(f"stream ended without its last line: {last}")
+                return
+            self.window.completed += 1
+            self.window.ttft_ms.append((first - sent) * 1000)
+            if last["completion_tokens"] > 1:
+                self.window.itl_ms.append((time.perf_counter() - first) * 1000 / (last["completion_tokens"] - 1))
+
+
+def rss_mib() -> tuple[float, float]:
+    """(workers, frontend) resident memory in MiB: the frontend from TorchServe's pid file, the
+    workers as its Python descendants."""
+    pid = int((Path(os.environ.get("TMPDIR", "/tmp")) / ".model_server.pid").read_text())
+    frontend = psutil.Process(pid)
+    workers = [p for p in frontend.children(recursive=True) if "python" in p.name()]
+    return (sum(p.memory_info().rss for p in workers) / 2**20, frontend.memory_info().rss / 2**20)
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) >= 2 else None
+
+
+def judge(rows: list[dict], warmup: float, max_rss: float, max_drift: float) -> list[str]:
+    """The failed checks (empty when the run passed)."""
+    settled = [row for row in rows if row["t_s"] > warmup]
+    problems = [f"{row['failures']} failed request(s) in the window ending at {row['t_s']:.0f} s: {row['first_failure']}"
+                for row in rows if row["failures"]]
+    if len(settled) < 3:
+        return problems + [f"only {len(settled)} samples after the warm-up: run longer"]
+    for key in ("workers_rss_mib", "frontend_rss_mib"):
+        growth = settled[-1][key] / settled[0][key] - 1
+        if growth > max_rss:
+            problems.append(f"{key} grew {growth:.1%} after the warm-up ({settled[0][key]:.0f} -> "
+                            f"{settled[-1][key]:.0f} MiB), more than {max_rss:.0%}")
+    third = max(1, len(settled) // 3)
+    early = [row["itl_p95_ms"] for row in settled[:third] if row["itl_p95_ms"]]
+    late = [row["itl_p95_ms"] for row in settled[-third:] if row["itl_p95_ms"]]
+    if not early or not late:
+        problems.append("no request finished in the first or last third: the server stalled")
+    elif statistics.median(late) / statistics.median(early) - 1 > max_drift:
+        problems.append(f"inter-token p95 drifted from {statistics.median(early):.0f} to {statistics.median(late):.0f} ms, "
+                        f"more than {max_drift:.0%}")
+    return problems
+
+
+def soak(url: str, args) -> list[dict]:
+    clients = Clients(url, args.streams, args.disconnect_share, args.seed)
+    clients.start()
+    rows, started = [], time.monotonic()
+    try:
+        while time.monotonic() - started < args.duration:
+            time.sleep(min(args.interval, args.duration - (time.monotonic() - started)))
+            window = clients.take()
+            workers, frontend = rss_mib()
+            row = {"t_s": round(time.monotonic() - started, 1), "completed": window.completed,
+                   "disconnected": window.disconnected, "failures": len(window.failures),
+                   "first_failure": window.failures[0] if window.failures else "",
+                   "ttft_p50_ms": quantile(window.ttft_ms, 50), "ttft_p95_ms": quantile(window.ttft_ms, 95),
+                   "itl_p50_ms": quantile(window.itl_ms, 50), "itl_p95_ms": quantile(window.itl_ms, 95),
+                   "workers_rss_mib": round(workers, 1), "frontend_rss_mib": round(frontend, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        clients.stop.set()
+    return rows
+
+
+def report(rows: list[dict], problems: list[str], args) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    lines = [f"Soak: {args.config.name}, {args.streams} streams, {args.duration:.0f} s, warm-up {args.warmup:.0f} s, "
+             f"{args.disconnect_share:.0%} of requests hang up mid-stream.", "",
+             "| t (s) | completed | hung up | failed | TTFT p50/p95 ms | ITL p50/p95 ms | workers RSS MiB | frontend RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['t_s']:.0f} | {r['completed']} | {r['disconnected']} | {r['failures']} | {fmt(r['ttft_p50_ms'])}/"
+              f"{fmt(r['ttft_p95_ms'])} | {fmt(r['itl_p50_ms'])}/{fmt(r['itl_p95_ms'])} | {r['workers_rss_mib']:.0f} | "
+              f"{r['frontend_rss_mib']:.0f} |" for r in rows]
+    lines += ["", "PASSED" if not problems else "FAILED:", *[f"- {p}" for p in problems]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "continuous.yaml")
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--duration", type=float, default=600, help="seconds of load")
+    parser.add_argument("--warmup", type=float, default=60, help="seconds before the checks' baseline")
+    parser.add_argument("--interval", type=float, default=10, help="seconds between samples")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--disconnect-share", type=float, default=0.1)
+    parser.add_argument("--max-rss-growth", type=float, default=0.05)
+    parser.add_argument("--max-latency-drift", type=float, default=0.20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "soak")
+    args = parser.parse_args()
+    raw = yaml.safe_load(args.config.read_text())
+    if not raw.get("continuousBatching"):
+        sys.exit(f"soak: {args.config} must set continuousBatching: true (the soak holds {args.streams} streams)")
+    raw["batchSize"] = args.streams
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        config = work / "soak.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        build_archive(args.model_dir, "soak", config, work / "store")
+        ts_config = serve.write_ts_config(work, PORTS, java_tmp=work)
+        with serve.running(ts_config, work / "store", ["soak=soak.mar"], work / "logs") as urls:
+            rows = soak(f"{urls['inference']}/predictions/soak", args)
+    problems = judge(rows, args.warmup, args.max_rss_growth, args.max_latency_drift)
+    text = report(rows, problems, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "samples.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "report.md").write_text(text + "\n")
+    print("\n" + text)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
