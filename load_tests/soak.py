@@ -205,6 +205,8 @@ def main() -> None:
     if not raw.get("continuousBatching"):
         sys.exit(f"soak: {args.config} must set continuousBatching: true (the soak holds {args.streams} streams)")
     raw["batchSize"] = args.streams
+    # A KV cache sized to the soak's requests (prompts <= 300 words, <= 128 new tokens).
+    raw.setdefault("handler", {}).update(max_prompt_tokens=512, max_new_tokens=128)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         config = work / "soak.yaml"
