@@ -22,98 +22,22 @@ import argparse
 import csv
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
-import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import serve  # noqa: E402
 from build_archive import build_archive  # noqa: E402
+from streams import StreamClients, inter_token_ms  # noqa: E402
 
 PORTS = {"inference": 28380, "management": 28381, "metrics": 28382}
-WORDS = (ROOT / "eval" / "heldout.txt").read_text().split() * 8  # prompts of up to 300 words
-
-
-class Window:
-    """What the clients saw since the last sample (guarded by the owner's lock)."""
-
-    def __init__(self) -> None:
-        self.ttft_ms: list[float] = []
-        self.itl_ms: list[float] = []
-        self.completed = self.disconnected = 0
-        self.failures: list[str] = []
-
-
-class Clients:
-    """`streams` threads, each sending its next streamed request as soon as the last ends."""
-
-    def __init__(self, url: str, streams: int, disconnect_share: float, seed: int) -> None:
-        self.url, self.disconnect_share = url, disconnect_share
-        self.lock = threading.Lock()
-        self.window = Window()
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, args=(random.Random(seed + i),), daemon=True)
-                        for i in range(streams)]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def take(self) -> Window:
-        with self.lock:
-            window, self.window = self.window, Window()
-        return window
-
-    def _loop(self, rng: random.Random) -> None:
-        session = requests.Session()
-        while not self.stop.is_set():
-            start = rng.randrange(len(WORDS) - 400)
-            body = {"prompt": " ".join(WORDS[start:start + rng.randint(5, 300)]),
-                    "max_new_tokens": rng.randint(8, 128), "stream": True}
-            hang_up_after = rng.randint(1, 4) if rng.random() < self.disconnect_share else None
-            try:
-                self._one(session, body, hang_up_after)
-            except Exception as error:  # noqa: BLE001  (a client that died would quietly lower the load)
-                with self.lock:
-                    self.window.failures.append(f"{type(error).__name__}: {error}")
-
-    def _one(self, session: requests.Session, body: dict, hang_up_after: int | None) -> None:
-        sent = time.perf_counter()
-        with session.post(self.url, json=body, stream=True, timeout=300) as response:
-            if response.status_code != 200:
-                with self.lock:
-                    self.window.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                return
-            first = None
-            lines = []
-            for line in response.iter_lines():
-                if not line:
-                    continue
-                first = first or time.perf_counter()
-                lines.append(json.loads(line))
-                if hang_up_after is not None and len(lines) >= hang_up_after:
-                    break  # closing the response drops the connection: the server must cancel it
-        with self.lock:
-            if hang_up_after is not None and len(lines) >= hang_up_after and "finish_reason" not in lines[-1]:
-                self.window.disconnected += 1
-                return
-            last = lines[-1]
-            if "finish_reason" not in last:
-                self.window.failures.append(f"stream ended without its last line: {last}")
-                return
-            self.window.completed += 1
-            self.window.ttft_ms.append((first - sent) * 1000)
-            if last["completion_tokens"] > 1:
-                self.window.itl_ms.append((time.perf_counter() - first) * 1000 / (last["completion_tokens"] - 1))
 
 
 def rss_mib() -> tuple[float, float]:
@@ -153,24 +77,30 @@ def judge(rows: list[dict], warmup: float, max_rss: float, max_drift: float) -> 
 
 
 def soak(url: str, args) -> list[dict]:
-    clients = Clients(url, args.streams, args.disconnect_share, args.seed)
-    clients.start()
+    clients = StreamClients(url, args.streams, hang_up_share=args.disconnect_share, seed=args.seed).start()
     rows, started = [], time.monotonic()
+    window_start = started
     try:
         while time.monotonic() - started < args.duration:
             time.sleep(min(args.interval, args.duration - (time.monotonic() - started)))
-            window = clients.take()
+            now = time.monotonic()
+            window = [o for o in clients.since(window_start) if o.end < now]
+            window_start = now
+            done = [o for o in window if not o.error and not o.hung_up]
+            failed = [o.error for o in window if o.error]
+            ttft = [(o.first - o.sent) * 1000 for o in done]
+            itl = [v for v in map(inter_token_ms, done) if v is not None]
             workers, frontend = rss_mib()
-            row = {"t_s": round(time.monotonic() - started, 1), "completed": window.completed,
-                   "disconnected": window.disconnected, "failures": len(window.failures),
-                   "first_failure": window.failures[0] if window.failures else "",
-                   "ttft_p50_ms": quantile(window.ttft_ms, 50), "ttft_p95_ms": quantile(window.ttft_ms, 95),
-                   "itl_p50_ms": quantile(window.itl_ms, 50), "itl_p95_ms": quantile(window.itl_ms, 95),
+            row = {"t_s": round(now - started, 1), "completed": len(done),
+                   "disconnected": sum(o.hung_up for o in window), "failures": len(failed),
+                   "first_failure": failed[0] if failed else "",
+                   "ttft_p50_ms": quantile(ttft, 50), "ttft_p95_ms": quantile(ttft, 95),
+                   "itl_p50_ms": quantile(itl, 50), "itl_p95_ms": quantile(itl, 95),
                    "workers_rss_mib": round(workers, 1), "frontend_rss_mib": round(frontend, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
-        clients.stop.set()
+        clients.stop()
     return rows
 
 

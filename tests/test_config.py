@@ -63,3 +63,12 @@ def test_context_length_check():
     with pytest.raises(ConfigError, match="exceeds the model's context of 8192"):
         check_context_length(config, 8192)
     check_context_length(ServingConfig(), 8192)
+
+
+@pytest.mark.parametrize("workers", [{"minWorkers": 2, "maxWorkers": 2}, {"minWorkers": 1, "maxWorkers": 2}, {}])
+def test_continuous_batching_needs_exactly_one_worker(workers):
+    # TorchServe 0.12 stalls a continuous-batching model with two workers (docs/reliability.md).
+    key = "minWorkers" if workers.get("minWorkers") != 1 else "maxWorkers"
+    with pytest.raises(ConfigError, match=f"{key}: must be 1 with continuousBatching"):
+        parse_serving_config({"continuousBatching": True, **workers})
+    parse_serving_config({"minWorkers": 2, "maxWorkers": 2})  # dynamic batching: any number

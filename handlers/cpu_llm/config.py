@@ -140,6 +140,13 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
     continuous = raw.get("continuousBatching", False)
     if not isinstance(continuous, bool):
         raise ConfigError("continuousBatching", f"must be true or false (got {continuous!r})")
+    for key in ("minWorkers", "maxWorkers") if continuous else ():
+        if raw.get(key) != 1:
+            # Measured: a model with two workers stalls its running requests whenever one worker
+            # is idle, because that worker waits for a new request while holding the queue's lock.
+            raise ConfigError(key, f"must be 1 with continuousBatching: true (got {raw.get(key, 'unset')!r}): "
+                              "TorchServe 0.12's continuous batching stalls a model with several workers; "
+                              "scale out with more servers instead (docs/reliability.md)")
     return ServingConfig(**{**values, "num_threads": num_threads, "quantization": quantization,
                             "continuous_batching": continuous, "batch_size": raw.get("batchSize", 1)})
 
