@@ -1,6 +1,7 @@
 """Worker fault under load: SIGKILL one of two workers mid-run and measure what it costs.
 
-Serves `--config` with `minWorkers: 2` (each worker `--threads` threads, continuous batching),
+Serves `--config` with `minWorkers: 2` (each worker `--threads` threads; dynamic batching, since
+TorchServe 0.12's continuous batching stalls with two workers: config.py refuses it),
 keeps `--streams` streaming clients busy, kills one worker's process after `--before` seconds,
 and keeps the load on for `--after` seconds. Prints: the requests that failed (and how), those
 completed before and after the kill, output tokens/s before and after, and how long until both
@@ -70,12 +71,13 @@ def kill_one_worker(urls: dict[str, str], model: str, streams: int, before: floa
         "tokens_per_s_before": round(tokens_per_s(pre, killed_at - started), 1),
         "tokens_per_s_after": round(tokens_per_s(post, ended - killed_at), 1),
         "both_workers_ready_after_s": None if back is None else round(back, 1),
+        "worker_pids_after": sorted(int(w["pid"]) for w in workers(urls["management"], model)),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "continuous.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "model-config.yaml")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
