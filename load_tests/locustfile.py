@@ -44,6 +44,7 @@ import gevent
 from gevent.pool import Group
 from locust import HttpUser, constant, events, task
 from requests.adapters import HTTPAdapter
+from requests.exceptions import RequestException
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT_SOURCES = [ROOT / "eval" / "heldout.txt", ROOT / "calibration" / "calibration.jsonl"]
@@ -187,7 +188,11 @@ class LLMClient(HttpUser):
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return
             if body["stream"]:
-                first, final = self.read_stream(response)
+                try:
+                    first, final = self.read_stream(response)
+                except (RequestException, ValueError) as error:  # cut mid-stream (the server died)
+                    response.failure(f"stream cut: {type(error).__name__}: {error}")
+                    return
             else:
                 final = response.json()
                 final = final.get("usage") if self.openai else final
