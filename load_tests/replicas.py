@@ -155,10 +155,12 @@ def main() -> None:
             for name in names:
                 subprocess.run(["podman", "rm", "-f", name], capture_output=True)
     rows = history(prefix)
-    # The fault lands in second `before`: the "after" window starts the second before it.
-    before, after = window(rows, 5, args.before - 1), window(rows, args.before - 1, args.before + args.after)
-    result = {"fault": args.fault, "users": args.users, "replica_cores": [halves[0], halves[1]],
-              "before": before, "after": after}
+    result = {"fault": args.fault, "users": args.users, "replica_cores": [halves[0], halves[1]]}
+    if args.fault == "none":
+        result["run"] = window(rows, 5, args.before + args.after)
+    else:  # the fault lands in second `before`: the "after" window starts the second before it
+        result["before"] = window(rows, 5, args.before - 1)
+        result["after"] = window(rows, args.before - 1, args.before + args.after)
     (args.out / f"result-{args.fault}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

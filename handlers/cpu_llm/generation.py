@@ -21,6 +21,7 @@ import torch
 
 from .request import GenerationRequest
 from .sampling import make_generator, pick_next_token
+from .stop_strings import StopScanner
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,13 @@ class Sequence:
     first_token_at: float = 0.0
     finished_at: float = 0.0
     batch_size: int = 1
+    stop_scanner: StopScanner | None = None  # set when the request has stop strings
 
     @classmethod
     def start(cls, request: GenerationRequest, prompt_ids: list[int], arrived_at: float | None = None) -> "Sequence":
         generator = make_generator(request.sampling.seed) if request.sampling.do_sample else None
-        return cls(request, prompt_ids, time.perf_counter() if arrived_at is None else arrived_at, generator)
+        return cls(request, prompt_ids, time.perf_counter() if arrived_at is None else arrived_at, generator,
+                   stop_scanner=StopScanner(request.stop) if request.stop else None)
 
     @property
     def done(self) -> bool:
@@ -170,11 +173,10 @@ def record_token(seq: Sequence, token: int, info: TokenizerInfo) -> None:
         finish(seq, "eos", info)
         return
     seq.generated.append(token)
-    if seq.request.stop:
-        text = info.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in seq.request.stop) if i >= 0]
-        if hits:
-            finish(seq, "stop", info, text[: min(hits)])
+    if seq.stop_scanner is not None:
+        text = seq.stop_scanner.feed(info.tokenizer, seq.generated)
+        if text is not None:
+            finish(seq, "stop", info, text)
             return
     if len(seq.generated) >= seq.request.max_new_tokens:
         finish(seq, "length", info)

@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .generation import Sequence, TokenizerInfo
-
-REPLACEMENT = "\ufffd"
+from .stop_strings import REPLACEMENT
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:

@@ -19,5 +19,5 @@ def test_two_minutes_at_saturation_leave_no_failure_leak_or_drift(tmp_path):
     report = (tmp_path / "report.md").read_text() if (tmp_path / "report.md").exists() else run.stderr[-3000:]
     assert run.returncode == 0, report
     rows = (tmp_path / "samples.csv").read_text().splitlines()[1:]
-    assert len(rows) == 12
+    assert len(rows) >= 11  # a sample every 10 s
     assert sum(int(row.split(",")[1]) for row in rows) > 50  # requests completed: the load was real
