@@ -8,7 +8,7 @@ archive refers to the weights in the image instead of copying them, so it takes 
 mounted with archives of your own is served as it is.
 
 On SIGTERM or SIGINT (`docker stop`, a Kubernetes pod deletion, a rolling upgrade) the workers
-drain (handlers/cpu_llm/shutdown.py): requests not yet started get a 503 with Retry-After, the
+drain (handlers/cpu_llm/serving/shutdown.py): requests not yet started get a 503 with Retry-After, the
 ones being generated finish, for at most $SHUTDOWN_GRACE_S seconds (default 25: under Docker's
 10 s stop timeout, pass `docker stop -t 35`; Kubernetes' default grace is 30 s). Then TorchServe
 stops and the container exits 0. TorchServe runs in its own session, so a terminal's Ctrl-C
@@ -30,7 +30,7 @@ import yaml
 
 sys.path.insert(0, "/app/scripts")
 from build_archive import build_archive  # noqa: E402  (also puts /app/handlers on sys.path)
-from cpu_llm.shutdown import STATE_ENV, default_state_dir, drain, prepare  # noqa: E402
+from cpu_llm.serving.shutdown import STATE_ENV, default_state_dir, drain, prepare  # noqa: E402
 
 STORE = Path("/model-store")
 GRACE_ENV = "SHUTDOWN_GRACE_S"

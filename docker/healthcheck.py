@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, "/app/handlers")
-from cpu_llm.shutdown import DRAINING, default_state_dir  # noqa: E402
+from cpu_llm.serving.shutdown import DRAINING, default_state_dir  # noqa: E402
 
 MANAGEMENT = "http://127.0.0.1:8081"
 KEY_FILE = Path("/home/serve/key_file.json")

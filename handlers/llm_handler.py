@@ -6,9 +6,9 @@ model-config's `continuousBatching` key:
 - dynamic batching (default): each `handle()` call generates one batch from start to end;
   streaming requests get their text through intermediate responses as it is generated;
 - continuous batching: each `handle()` call is one decode step of every in-flight request
-  (`cpu_llm.continuous`), so requests join and leave the running batch between steps.
+  (`cpu_llm.serving.continuous`), so requests join and leave the running batch between steps.
 Each request speaks our native API or, under `/predictions/<model>/<version>/v1/...`, the OpenAI
-API (`cpu_llm.routes`); both batching modes serve both.
+API (`cpu_llm.api.routes`); both batching modes serve both.
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
 from cpu_llm.config import check_context_length, parse_serving_config, resolve_threads
-from cpu_llm.continuous import ContinuousSession
-from cpu_llm.engine import ContinuousEngine
-from cpu_llm.generation import Sequence
+from cpu_llm.serving.continuous import ContinuousSession
+from cpu_llm.engine.hf_engine import ContinuousEngine
+from cpu_llm.engine.generation import Sequence
 from cpu_llm.model import encode_prompt, max_positions, resolve_model_source
-from cpu_llm.quantize import load_for_serving
-from cpu_llm.quantized_linear import parameter_count
-from cpu_llm.request import RequestError
-from cpu_llm.responses import Reply
-from cpu_llm.routes import Api, Router
+from cpu_llm.quant.quantize import load_for_serving
+from cpu_llm.quant.quantized_linear import parameter_count
+from cpu_llm.api.request import RequestError
+from cpu_llm.api.responses import Reply
+from cpu_llm.api.routes import Api, Router
 from cpu_llm.runner.model_runner import attach_runner
 from cpu_llm.runner.slot_engine import SlotEngine
-from cpu_llm.serving_metrics import ServingMetrics
-from cpu_llm.shutdown import RETRY_AFTER_S, WorkerDrain
-from cpu_llm.text_stream import TextStream
+from cpu_llm.serving.serving_metrics import ServingMetrics
+from cpu_llm.serving.shutdown import RETRY_AFTER_S, WorkerDrain
+from cpu_llm.api.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 SHUTTING_DOWN = RequestError("server", "is shutting down and starts no new request; retry (another replica)", 503)

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from cpu_llm.config import parse_serving_config  # noqa: E402
-from cpu_llm.generation import Sequence  # noqa: E402
-from cpu_llm.request import GenerationRequest  # noqa: E402
+from cpu_llm.engine.generation import Sequence  # noqa: E402
+from cpu_llm.api.request import GenerationRequest  # noqa: E402
 from cpu_llm.runner.slot_engine import SlotEngine  # noqa: E402
 from evaluate import TEXT, serve_like_the_worker  # noqa: E402
 

@@ -25,12 +25,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm import native_smoothquant  # noqa: E402
-from cpu_llm.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
+from cpu_llm.quant import native_smoothquant  # noqa: E402
+from cpu_llm.quant.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
 from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
 from cpu_llm.model import load_model  # noqa: E402
-from cpu_llm.native_backend import quantize_w8a8  # noqa: E402
-from cpu_llm.quantize import keep_full_precision, resolve_backend  # noqa: E402
+from cpu_llm.quant.native_backend import quantize_w8a8  # noqa: E402
+from cpu_llm.quant.quantize import keep_full_precision, resolve_backend  # noqa: E402
 
 
 def calibrate(config_path: Path, model_dir: Path, out: Path, backend: str | None = None) -> float:
@@ -48,7 +48,7 @@ def calibrate(config_path: Path, model_dir: Path, out: Path, backend: str | None
     alphas = alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)
     if resolve_backend(q) == "native":
         return native_smoothquant.calibrate(model, batches, alphas, quantize_w8a8, out)[1]
-    from cpu_llm import ipex_backend
+    from cpu_llm.quant import ipex_backend
 
     return ipex_backend.calibrate_smoothquant(model, alphas, batches, out)
 

@@ -36,10 +36,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 from cpu_llm.config import parse_serving_config, resolve_threads  # noqa: E402
-from cpu_llm.generation import Sequence, decode_one_token, left_pad, prefill  # noqa: E402
+from cpu_llm.engine.generation import Sequence, decode_one_token, left_pad, prefill  # noqa: E402
 from cpu_llm.model import encode_prompt  # noqa: E402
-from cpu_llm.quantize import ServedModel, load_for_serving  # noqa: E402
-from cpu_llm.request import parse_request  # noqa: E402
+from cpu_llm.quant.quantize import ServedModel, load_for_serving  # noqa: E402
+from cpu_llm.api.request import parse_request  # noqa: E402
 from cpu_llm.runner.model_runner import attach_runner  # noqa: E402
 
 TEXT = ROOT / "eval" / "python-reference.txt"

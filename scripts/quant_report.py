@@ -24,16 +24,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm import native_smoothquant  # noqa: E402
-from cpu_llm.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
+from cpu_llm.quant import native_smoothquant  # noqa: E402
+from cpu_llm.quant.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
 from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
 from cpu_llm.model import load_model  # noqa: E402
-from cpu_llm.native_backend import (W8A8_WEIGHTS, check_supported, linear_converter, quantize_embeddings,  # noqa: E402
+from cpu_llm.quant.native_backend import (W8A8_WEIGHTS, check_supported, linear_converter, quantize_embeddings,  # noqa: E402
                                     quantize_w8a8, woq_spec)
-from cpu_llm.quant_config import QuantizationConfig  # noqa: E402
-from cpu_llm.quantize import keep_full_precision  # noqa: E402
-from cpu_llm.quantized_linear import as_linear, replace_linears  # noqa: E402
-from cpu_llm.quantlib import error_metrics, kernel_weights, quantize  # noqa: E402
+from cpu_llm.quant.quant_config import QuantizationConfig  # noqa: E402
+from cpu_llm.quant.quantize import keep_full_precision  # noqa: E402
+from cpu_llm.quant.quantized_linear import as_linear, replace_linears  # noqa: E402
+from cpu_llm.quant.quantlib import error_metrics, kernel_weights, quantize  # noqa: E402
 
 COLUMNS = ("layer", "shape", "max_abs_error", "mean_abs_error", "relative_error", "snr_db", "out_rel_error")
 

@@ -8,7 +8,7 @@ with the tail of the logs if the server dies or a worker fails to load.
     python scripts/serve.py start [--models smollm2=smollm2.mar] [--ts-config config.properties]
     python scripts/serve.py stop [--grace 25]
 
-`stop` is graceful (handlers/cpu_llm/shutdown.py): requests not yet started get a 503 with
+`stop` is graceful (handlers/cpu_llm/serving/shutdown.py): requests not yet started get a 503 with
 Retry-After, the ones being generated finish within the grace period, then TorchServe stops.
 """
 
@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm.shutdown import STATE_ENV, default_state_dir, drain, prepare  # noqa: E402
+from cpu_llm.serving.shutdown import STATE_ENV, default_state_dir, drain, prepare  # noqa: E402
 
 # Lines in the logs that mean a worker could not load the model.
 LOAD_FAILURE_MARKERS = ("Backend worker process died", "Load model failed", "Failed to load model")

@@ -32,7 +32,7 @@ def runner_served(model_dir):
     """The fp32 model on our model runner (8 slots, 16-token prefill chunks so prompts are
     prefilled over several steps), for in-process tests of the runner and its engine."""
     from cpu_llm.model import load_model
-    from cpu_llm.quantize import ServedModel
+    from cpu_llm.quant.quantize import ServedModel
     from cpu_llm.runner.model_runner import attach_runner
 
     torch.set_num_threads(2)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cpu_llm import quantize
+from cpu_llm.quant import quantize
 from evaluate import evaluate_all, markdown_table
 
 from pathlib import Path

@@ -12,13 +12,13 @@ import json
 import pytest
 
 from cpu_llm.config import ServingConfig
-from cpu_llm.continuous import ContinuousSession
-from cpu_llm.engine import ContinuousEngine
-from cpu_llm.generation import Sequence, generate_batch
+from cpu_llm.serving.continuous import ContinuousSession
+from cpu_llm.engine.hf_engine import ContinuousEngine
+from cpu_llm.engine.generation import Sequence, generate_batch
 from cpu_llm.model import encode_prompt
-from cpu_llm.request import parse_request
-from cpu_llm.responses import Reply
-from cpu_llm.routes import NATIVE, Api, Router
+from cpu_llm.api.request import parse_request
+from cpu_llm.api.responses import Reply
+from cpu_llm.api.routes import NATIVE, Api, Router
 from cpu_llm.runner.slot_engine import SlotEngine
 
 pytestmark = pytest.mark.model
@@ -205,7 +205,7 @@ def test_natively_quantized_models_batch_continuously(model_dir, method, lowp_mo
 
     from cpu_llm.config import parse_serving_config
     from cpu_llm.model import load_model
-    from cpu_llm.quantize import prepare_for_serving
+    from cpu_llm.quant.quantize import prepare_for_serving
     from conftest import ROOT
 
     raw = yaml.safe_load((ROOT / "configs" / "continuous.yaml").read_text())

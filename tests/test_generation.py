@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from cpu_llm.config import ServingConfig
-from cpu_llm.generation import Sequence, generate_batch
+from cpu_llm.engine.generation import Sequence, generate_batch
 from cpu_llm.model import encode_prompt
-from cpu_llm.request import RequestError, parse_request
+from cpu_llm.api.request import RequestError, parse_request
 
 pytestmark = pytest.mark.model
 CONFIG = ServingConfig()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cpu_llm import ops
-from cpu_llm.quantlib import QuantSpec, kernel_weights, quantize
+from cpu_llm.quant.quantlib import QuantSpec, kernel_weights, quantize
 
 pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="kernels not built")
 

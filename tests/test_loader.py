@@ -16,11 +16,12 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import ROOT
-from cpu_llm import ops, quantize
+from cpu_llm import ops
+from cpu_llm.quant import quantize
 from cpu_llm.errors import QuantizationError
 from cpu_llm.model import load_model
-from cpu_llm.quant_config import parse_quantization_config
-from cpu_llm.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear
+from cpu_llm.quant.quant_config import parse_quantization_config
+from cpu_llm.quant.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 120, 64]])
 
@@ -141,7 +142,7 @@ def test_quantizing_takes_less_memory_than_fp32_not_more(model_dir):
     """Peak RSS while loading and RSS once every weight has been read (one forward), fp32 vs WoQ
     INT8, each in a fresh process (VmHWM: the peak of that process alone)."""
     code = ("import json, sys, torch, yaml; sys.path.insert(0, 'handlers'); "
-            "from cpu_llm.config import parse_serving_config; from cpu_llm.quantize import load_for_serving; "
+            "from cpu_llm.config import parse_serving_config; from cpu_llm.quant.quantize import load_for_serving; "
             "raw = yaml.safe_load(open(sys.argv[1])); raw['quantization']['backend'] = 'native'; "
             "served, info = load_for_serving(sys.argv[2], parse_serving_config(raw).quantization, '.'); "
             "status = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]); "

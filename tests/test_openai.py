@@ -7,12 +7,12 @@ import json
 import pytest
 
 from cpu_llm.config import ServingConfig
-from cpu_llm.generation import Sequence, TokenizerInfo
-from cpu_llm.openai_api import OpenAIApi
-from cpu_llm.request import GenerationRequest, RequestError
-from cpu_llm.responses import Reply
-from cpu_llm.routes import NATIVE, Router
-from cpu_llm.text_stream import TextStream
+from cpu_llm.engine.generation import Sequence, TokenizerInfo
+from cpu_llm.api.openai_api import OpenAIApi
+from cpu_llm.api.request import GenerationRequest, RequestError
+from cpu_llm.api.responses import Reply
+from cpu_llm.api.routes import NATIVE, Router
+from cpu_llm.api.text_stream import TextStream
 
 CONFIG = ServingConfig(max_new_tokens=100, default_max_new_tokens=20, max_stop_sequences=4)
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}

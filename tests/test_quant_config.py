@@ -1,7 +1,7 @@
 import pytest
 
 from cpu_llm.config import ConfigError, parse_serving_config
-from cpu_llm.quant_config import parse_quantization_config
+from cpu_llm.quant.quant_config import parse_quantization_config
 
 
 def test_absent_section_means_no_quantization():

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
-from cpu_llm import quantize
+from cpu_llm.quant import quantize
 from cpu_llm.config import ConfigError, parse_serving_config
-from cpu_llm.generation import Sequence, left_pad, prefill
+from cpu_llm.engine.generation import Sequence, left_pad, prefill
 from cpu_llm.model import encode_prompt, load_model
-from cpu_llm.quantized_linear import QuantizedLinear
-from cpu_llm.quant_config import parse_quantization_config
-from cpu_llm.request import parse_request
+from cpu_llm.quant.quantized_linear import QuantizedLinear
+from cpu_llm.quant.quant_config import parse_quantization_config
+from cpu_llm.api.request import parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None

@@ -8,9 +8,9 @@ import torch
 
 from cpu_llm import ops
 from cpu_llm.ops import kernel_status
-from cpu_llm.quantized_linear import (KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
+from cpu_llm.quant.quantized_linear import (KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
                                       replace_linears)
-from cpu_llm.quantlib import QuantSpec, dequantize, kernel_weights, quantize
+from cpu_llm.quant.quantlib import QuantSpec, dequantize, kernel_weights, quantize
 
 WOQ_SPECS = [QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "affine", "group", 64),
              QuantSpec(4, "affine", "group", 32), QuantSpec(4, "symmetric", "channel")]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cpu_llm.quantlib import (QuantSpec, dequantize, error_metrics, kernel_weights, pack_int4, quantize,
+from cpu_llm.quant.quantlib import (QuantSpec, dequantize, error_metrics, kernel_weights, pack_int4, quantize,
                               unpack_int4)
 
 SPECS = [

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cpu_llm.config import ServingConfig
-from cpu_llm.openai_api import ACCEPTED, CHAT_DEFAULT_ONLY, COMPLETIONS_DEFAULT_ONLY, DEFAULT_ONLY, OpenAIApi
-from cpu_llm.request import KNOWN_FIELDS, GenerationRequest, RequestError, parse_request
+from cpu_llm.api.openai_api import ACCEPTED, CHAT_DEFAULT_ONLY, COMPLETIONS_DEFAULT_ONLY, DEFAULT_ONLY, OpenAIApi
+from cpu_llm.api.request import KNOWN_FIELDS, GenerationRequest, RequestError, parse_request
 
 CONFIG = ServingConfig()
 PROPERTIES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,13 +16,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from cpu_llm import ops
 from cpu_llm.config import ConfigError, ServingConfig, parse_serving_config
-from cpu_llm.generation import Sequence
+from cpu_llm.engine.generation import Sequence
 from cpu_llm.layers.fuse import Concat, FullPrecisionGroup, fuse_linears
 from cpu_llm.model import encode_prompt
-from cpu_llm.quantize import ServedModel, load_for_serving
-from cpu_llm.quantized_linear import FullPrecisionLinear, QuantizedLinear
-from cpu_llm.quantlib import QuantSpec
-from cpu_llm.request import parse_request
+from cpu_llm.quant.quantize import ServedModel, load_for_serving
+from cpu_llm.quant.quantized_linear import FullPrecisionLinear, QuantizedLinear
+from cpu_llm.quant.quantlib import QuantSpec
+from cpu_llm.api.request import parse_request
 from cpu_llm.runner.model_runner import ModelRunner, attach_runner
 from cpu_llm.runner.slot_engine import SlotEngine
 from conftest import ROOT

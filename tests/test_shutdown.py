@@ -1,4 +1,4 @@
-"""The drain protocol between the supervisor and the workers (handlers/cpu_llm/shutdown.py)."""
+"""The drain protocol between the supervisor and the workers (handlers/cpu_llm/serving/shutdown.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from cpu_llm.shutdown import DRAINING, QUIET_S, WorkerDrain, drain, in_flight, prepare
+from cpu_llm.serving.shutdown import DRAINING, QUIET_S, WorkerDrain, drain, in_flight, prepare
 
 
 def test_workers_report_what_they_generate_and_see_the_drain(tmp_path):

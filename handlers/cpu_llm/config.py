@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
-from .quant_config import SECTION as QUANTIZATION_SECTION
-from .quant_config import QuantizationConfig, parse_quantization_config
+from .quant.quant_config import SECTION as QUANTIZATION_SECTION
+from .quant.quant_config import QuantizationConfig, parse_quantization_config
 
 # Keys TorchServe 0.12's frontend reads from model-config.yaml (ModelConfig.java).
 FRONTEND_INT_KEYS = {

@@ -25,8 +25,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from .model import FP32
-from .quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear, set_module
-from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
+from .quant.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear, set_module
+from .quant.quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
 logger = logging.getLogger(__name__)
 ROWS_PER_SLICE = 1024  # rows quantized at a time: a few MB of fp32 in flight

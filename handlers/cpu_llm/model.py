@@ -14,8 +14,8 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .config import HANDLER_SECTION, ConfigError
-from .generation import TokenizerInfo
-from .request import GenerationRequest, RequestError
+from .engine.generation import TokenizerInfo
+from .api.request import GenerationRequest, RequestError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The one API difference of the two stacks: the name of the dtype argument when building a model.
@@ -68,7 +68,7 @@ def max_positions(served) -> int | None:
     """Longest sequence the served model handles: its context, capped by IPEX's KV cache."""
     limit = getattr(served.model.config, "max_position_embeddings", None)
     if served.backend == "ipex":
-        from .ipex_backend import IPEX_MAX_POSITIONS
+        from .quant.ipex_backend import IPEX_MAX_POSITIONS
 
         limit = min(limit or IPEX_MAX_POSITIONS, IPEX_MAX_POSITIONS)
     return limit

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .quantlib import PackedWeight
+from .quant.quantlib import PackedWeight
 
 try:
     import cpu_llm_kernels as _kernels

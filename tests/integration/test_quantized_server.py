@@ -13,8 +13,10 @@ import pytest
 import requests
 import yaml
 
-from cpu_llm import ops, quantize
-from cpu_llm.quant_config import parse_quantization_config
+from cpu_llm import ops
+
+from cpu_llm.quant import quantize
+from cpu_llm.quant.quant_config import parse_quantization_config
 from serve import ROOT
 
 from .server import package, running_server

@@ -10,7 +10,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from test_request_properties import bodies, raw_bodies
 
-from cpu_llm.request import KNOWN_FIELDS
+from cpu_llm.api.request import KNOWN_FIELDS
 
 from .server import package, running_server
 

@@ -1,5 +1,5 @@
 """Graceful shutdown of a real TorchServe: requests being generated finish, new ones get a 503
-with Retry-After, then the server stops (handlers/cpu_llm/shutdown.py, `serve.py stop`)."""
+with Retry-After, then the server stops (handlers/cpu_llm/serving/shutdown.py, `serve.py stop`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import requests
 
 import serve
-from cpu_llm.shutdown import DRAINING, default_state_dir
+from cpu_llm.serving.shutdown import DRAINING, default_state_dir
 
 from .server import package, running_server
 

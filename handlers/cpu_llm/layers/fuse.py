@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..quantized_linear import FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedLinear
-from ..quantlib import PackedWeight
+from ..quant.quantized_linear import FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedLinear
+from ..quant.quantlib import PackedWeight
 
 
 class Concat(torch.nn.Module):

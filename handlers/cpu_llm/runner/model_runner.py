@@ -19,7 +19,7 @@ from ..models.llama import LlamaModel, unsupported_reason
 from ..ops import kernels_available
 
 if TYPE_CHECKING:
-    from ..quantize import ServedModel
+    from ..quant.quantize import ServedModel
 
 logger = logging.getLogger(__name__)
 # The KV cache may take at most this share of the memory available at load.

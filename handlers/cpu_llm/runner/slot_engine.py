@@ -17,7 +17,7 @@ import logging
 import time
 from typing import Callable
 
-from ..generation import GenerationResult, Sequence, TokenizerInfo, finish, pick_tokens, record_token
+from ..engine.generation import GenerationResult, Sequence, TokenizerInfo, finish, pick_tokens, record_token
 from .model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)

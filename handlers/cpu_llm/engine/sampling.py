@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .request import SamplingParams
+from ..api.request import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

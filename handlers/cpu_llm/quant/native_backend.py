@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from . import native_smoothquant as smoothquant
-from . import ops
+from .. import ops
 from .calibration import CalibrationBatch, alpha_candidates
-from .errors import ConfigError, QuantizationError
-from .loader import LinearConverter
+from ..errors import ConfigError, QuantizationError
+from ..loader import LinearConverter
 from .quant_config import SECTION, QuantizationConfig, WoqConfig
 from .quantized_linear import (FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
                                replace_linears, set_module)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from .. import ops
 from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
 KINDS = ("woq", "w8a8")

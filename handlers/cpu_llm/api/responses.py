@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .generation import GenerationResult, Sequence, TokenizerInfo
+from ..engine.generation import GenerationResult, Sequence, TokenizerInfo
 from .request import RequestError
 from .text_stream import TextStream
 

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config import ServingConfig
-from .generation import GenerationResult, Sequence, TokenizerInfo
+from ..config import ServingConfig
+from ..engine.generation import GenerationResult, Sequence, TokenizerInfo
 from .request import GenerationRequest, RequestError, decode_body, parse_request
 from .responses import JSON, Reply
 from .text_stream import TextStream

@@ -27,10 +27,10 @@ import psutil
 import torch
 
 from .calibration import calibration_batches, read_texts
-from .errors import ConfigError, QuantizationError
-from .generation import GenerationResult, Sequence, TokenizerInfo, generate_batch
-from .model import load_model, load_tokenizer_info
-from .ops import kernel_status
+from ..errors import ConfigError, QuantizationError
+from ..engine.generation import GenerationResult, Sequence, TokenizerInfo, generate_batch
+from ..model import load_model, load_tokenizer_info
+from ..ops import kernel_status
 from .quant_config import SECTION, QuantizationConfig
 from .quantized_linear import FullPrecisionLinear, as_linear
 
@@ -58,7 +58,7 @@ class ServedModel:
                  on_step: Callable[[list[Sequence]], None] | None = None) -> list[GenerationResult]:
         """Generate for all sequences, in as few batches as batch invariance allows."""
         if self.runner is not None:
-            from .runner.slot_engine import SlotEngine
+            from ..runner.slot_engine import SlotEngine
 
             return SlotEngine(self.runner, info, float("inf")).generate(seqs, on_step)
         step = self.max_batch or len(seqs)
@@ -180,7 +180,8 @@ def load_for_serving(source: str, q: QuantizationConfig, model_dir: str,
     """Load the model at `source` and make it the model we serve, as `q` asks."""
     backend = resolve_backend(q, continuous_batching)
     if backend == "native" and q.method == "woq":
-        from . import loader, native_backend
+        from .. import loader
+        from . import native_backend
 
         process = psutil.Process(os.getpid())
         rss_before, started = process.memory_info().rss, time.perf_counter()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .generation import Sequence, TokenizerInfo
-from .stop_strings import REPLACEMENT
+from ..engine.generation import Sequence, TokenizerInfo
+from ..engine.stop_strings import REPLACEMENT
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from .config import ServingConfig
-from .generation import Sequence, TokenizerInfo
+from ..config import ServingConfig
+from ..engine.generation import Sequence, TokenizerInfo
 from .openai_api import OpenAIApi, health_reply, models_reply, not_found_reply
 from .request import GenerationRequest, RequestError, parse_request
 from .responses import JSON, JSON_LINES, Reply, error_reply, finished_reply, text_line

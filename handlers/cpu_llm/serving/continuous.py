@@ -23,18 +23,18 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Protocol
 
-from .config import ServingConfig
-from .generation import Sequence, TokenizerInfo
-from .model import encode_prompt
-from .request import RequestError
-from .responses import Reply
-from .routes import Api
-from .text_stream import TextStream
+from ..config import ServingConfig
+from ..engine.generation import Sequence, TokenizerInfo
+from ..model import encode_prompt
+from ..api.request import RequestError
+from ..api.responses import Reply
+from ..api.routes import Api
+from ..api.text_stream import TextStream
 
 
 
 class Engine(Protocol):
-    """What a session drives: engine.ContinuousEngine (Hugging Face path) or runner.SlotEngine."""
+    """What a session drives: engine.hf_engine.ContinuousEngine (Hugging Face path) or runner.slot_engine.SlotEngine."""
 
     seqs: dict[str, Sequence]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .generation import Sequence
+from ..engine.generation import Sequence
 
 
 class ServingMetrics:

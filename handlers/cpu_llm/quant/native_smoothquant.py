@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .calibration import CalibrationBatch, calibration_loss
-from .errors import QuantizationError
+from ..errors import QuantizationError
 
 logger = logging.getLogger(__name__)
 FORMAT = "cpu-llm-native-smoothquant/1"

@@ -3,7 +3,8 @@
 `prefill` and `decode_one_token` run the model; a `Sequence` is one request's decode state;
 `pick_tokens` and `record_token` choose and account each row's next token with that request's
 own parameters. `generate_batch` is the dynamic-batching loop (a batch starts and ends
-together); `engine.py` runs the same pieces with rows joining and leaving between steps.
+together); `hf_engine.py` and the runner's `slot_engine.py` run the same pieces with rows
+joining and leaving between steps.
 
 The loop is written out instead of calling `model.generate()` because every request carries
 its own max_new_tokens, sampling parameters, seed and stop strings. Left padding plus explicit
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .request import GenerationRequest
+from ..api.request import GenerationRequest
 from .sampling import make_generator, pick_next_token
 from .stop_strings import StopScanner
 

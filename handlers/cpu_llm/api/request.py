@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .config import ServingConfig
+from ..config import ServingConfig
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_SEED = 2**63 - 1

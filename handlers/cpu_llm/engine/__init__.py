@@ -1,0 +1,1 @@
+"""Generation state and steps: sequences, sampling, stop strings, the Hugging Face path's engine and KV batch."""

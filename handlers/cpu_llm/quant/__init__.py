@@ -1,0 +1,1 @@
+"""Quantization: configuration, the IPEX and native backends, SmoothQuant, quantized layers, tensor quantization."""

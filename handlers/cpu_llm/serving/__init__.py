@@ -1,0 +1,1 @@
+"""TorchServe-facing serving: the continuous-batching session, metrics, graceful shutdown."""
