@@ -97,15 +97,18 @@ smoke() {
   [ "$status" != 200 ] || { echo "container: a request without the token was served" >&2; exit 1; }
   echo "container: request without the token refused ($status)"
   # Graceful stop (docker/entrypoint.py): a request being generated when SIGTERM arrives finishes.
+  local stream_file
+  stream_file=$(mktemp)  # a fresh file: a stale one would pass the wait below before the request started
   curl -sN "$url" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
-       -d '{"prompt": "The history of the Roman empire", "max_new_tokens": 60, "stream": true}' > /tmp/smoke-stream.jsonl &
+       -d '{"prompt": "The history of the Roman empire", "max_new_tokens": 60, "stream": true}' > "$stream_file" &
   local streaming=$!
-  until [ -s /tmp/smoke-stream.jsonl ]; do sleep 0.1; done
+  until [ -s "$stream_file" ]; do sleep 0.1; done
   started=$SECONDS
   $engine stop -t 40 "$name" >/dev/null
   wait "$streaming"
-  python3 -c 'import json; last = json.loads(open("/tmp/smoke-stream.jsonl").read().splitlines()[-1]); assert last.get("completion_tokens") == 60, last' \
+  python3 -c 'import json, sys; last = json.loads(open(sys.argv[1]).read().splitlines()[-1]); assert last.get("completion_tokens") == 60, last' "$stream_file" \
     || { echo "container: the request in flight was cut by the stop" >&2; exit 1; }
+  rm -f "$stream_file"
   [ "$($engine inspect --format '{{.State.ExitCode}}' "$name")" = 0 ] \
     || { echo "container: exit code $($engine inspect --format '{{.State.ExitCode}}' "$name") after SIGTERM" >&2; exit 1; }
   echo "container: SIGTERM with a request in flight: it finished, exit 0 after $((SECONDS - started)) s"
