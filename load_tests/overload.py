@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import serve  # noqa: E402
-from build_archive import build_archive  # noqa: E402
+from streams import served  # noqa: E402
 
 PORTS = {"inference": 28680, "management": 28681, "metrics": 28682}
 BODY = {"prompt": "The history of the Roman empire", "max_new_tokens": 64}
@@ -60,13 +55,8 @@ def main() -> None:
         config = {"minWorkers": 1, "maxWorkers": 1, "batchSize": batch, "maxBatchDelay": 50, "jobQueueSize": args.queue,
                   "continuousBatching": mode == "continuous", "responseTimeout": 300,
                   "handler": {"max_prompt_tokens": 64, "max_new_tokens": 128}}
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            (work / "overload.yaml").write_text(yaml.safe_dump(config))
-            build_archive(args.model_dir, "overload", work / "overload.yaml", work / "store")
-            ts_config = serve.write_ts_config(work, PORTS, java_tmp=work)
-            with serve.running(ts_config, work / "store", ["overload=overload.mar"], work / "logs") as urls:
-                results = flood(f"{urls['inference']}/predictions/overload", args.requests)
+        with served(config, "overload", args.model_dir, PORTS) as urls:
+            results = flood(f"{urls['inference']}/predictions/overload", args.requests)
         print(json.dumps({"mode": mode, "batchSize": batch, "jobQueueSize": args.queue, "requests": args.requests,
                           **summary(results)}, indent=2), flush=True)
 

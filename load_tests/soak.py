@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,10 +31,7 @@ import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import serve  # noqa: E402
-from build_archive import build_archive  # noqa: E402
-from streams import StreamClients, inter_token_ms  # noqa: E402
+from streams import StreamClients, inter_token_ms, served  # noqa: E402
 
 PORTS = {"inference": 28380, "management": 28381, "metrics": 28382}
 
@@ -137,14 +133,8 @@ def main() -> None:
     raw["batchSize"] = args.streams
     # A KV cache sized to the soak's requests (prompts <= 300 words, <= 128 new tokens).
     raw.setdefault("handler", {}).update(max_prompt_tokens=512, max_new_tokens=128)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        config = work / "soak.yaml"
-        config.write_text(yaml.safe_dump(raw))
-        build_archive(args.model_dir, "soak", config, work / "store")
-        ts_config = serve.write_ts_config(work, PORTS, java_tmp=work)
-        with serve.running(ts_config, work / "store", ["soak=soak.mar"], work / "logs") as urls:
-            rows = soak(f"{urls['inference']}/predictions/soak", args)
+    with served(raw, "soak", args.model_dir, PORTS) as urls:
+        rows = soak(f"{urls['inference']}/predictions/soak", args)
     problems = judge(rows, args.warmup, args.max_rss_growth, args.max_latency_drift)
     text = report(rows, problems, args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Closed-loop streaming clients for the reliability runs (soak.py, worker_kill.py, replicas.py).
+"""Shared pieces of the reliability runs (soak.py, overload.py, worker_kill.py, replicas.py): a
+model-config served on spare ports, and closed-loop streaming clients.
 
 Each of N threads sends its next streamed request (native API, mixed prompt and output lengths)
 as soon as the last one ends, and records one `Outcome` per request. A share of requests hang up
@@ -11,14 +12,37 @@ from __future__ import annotations
 
 import json
 import random
+import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import requests
+import yaml
 
-WORDS = (Path(__file__).resolve().parent.parent / "eval" / "heldout.txt").read_text().split() * 8
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import serve  # noqa: E402
+from build_archive import build_archive  # noqa: E402
+
+WORDS = (ROOT / "eval" / "heldout.txt").read_text().split() * 8
+
+
+@contextmanager
+def served(raw: dict, name: str, model_dir: Path, ports: dict[str, int]) -> Iterator[dict[str, str]]:
+    """Package the model-config `raw` as `name` in a temporary folder (the frontend unpacks there
+    too) and serve it on `ports`; yields the endpoint URLs and always stops the server."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        build_archive(model_dir, name, work / f"{name}.yaml", work / "store")
+        ts_config = serve.write_ts_config(work, ports, java_tmp=work)
+        with serve.running(ts_config, work / "store", [f"{name}={name}.mar"], work / "logs") as urls:
+            yield urls
 
 
 @dataclass

@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import signal
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,10 +23,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import serve  # noqa: E402
-from build_archive import build_archive  # noqa: E402
-from streams import Outcome, StreamClients  # noqa: E402
+from streams import Outcome, StreamClients, served  # noqa: E402
 
 PORTS = {"inference": 28480, "management": 28481, "metrics": 28482}
 
@@ -87,14 +82,8 @@ def main() -> None:
     raw = yaml.safe_load(args.config.read_text())
     raw.update(minWorkers=2, maxWorkers=2)
     raw.setdefault("handler", {}).update(num_threads=args.threads, max_prompt_tokens=512, max_new_tokens=128)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        config = work / "kill.yaml"
-        config.write_text(yaml.safe_dump(raw))
-        build_archive(args.model_dir, "kill", config, work / "store")
-        ts_config = serve.write_ts_config(work, PORTS, java_tmp=work)
-        with serve.running(ts_config, work / "store", ["kill=kill.mar"], work / "logs") as urls:
-            result = kill_one_worker(urls, "kill", args.streams, args.before, args.after)
+    with served(raw, "kill", args.model_dir, PORTS) as urls:
+        result = kill_one_worker(urls, "kill", args.streams, args.before, args.after)
     print(json.dumps(result, indent=2))
 
 
