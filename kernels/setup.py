@@ -14,7 +14,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 setup(
     name="cpu-llm-kernels",
     version="0.2.0",
-    ext_modules=[CppExtension("cpu_llm_kernels", ["csrc/ops.cpp", "csrc/avx2.cpp", "csrc/avx512.cpp",
+    ext_modules=[CppExtension("cpu_llm_kernels", ["csrc/ops.cpp", "csrc/avx2.cpp", "csrc/avx512.cpp", "csrc/tiled_avx512.cpp",
                                                   "csrc/attention.cpp", "csrc/attention_avx2.cpp",
                                                   "csrc/elementwise.cpp"],
                               extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"])],

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cpu_llm import ops
+from cpu_llm.quant import tiling
 from cpu_llm.quant.quantlib import QuantSpec, kernel_weights, quantize
 
 pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="kernels not built")
@@ -88,6 +89,74 @@ def test_isas_agree_closely():
         _close(other, results[0], 1e-5)
 
 
+TILEABLE = [spec for spec in SPECS if spec.scheme == "symmetric"]
+
+
+@pytest.mark.parametrize("spec", TILEABLE, ids=str)
+@pytest.mark.parametrize("n,k", SHAPES + [(48, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 64])
+def test_tiled_kernel_matches_reference(isa, spec, n, k, rows):
+    """Every ISA: AVX-512 VNNI runs the tiled kernel, lower ones untile in C++; partial last tiles
+    (N not a multiple of 16), odd block counts, grouped and per-row scales, int8 and int4."""
+    if spec.group_size and k % spec.group_size:
+        pytest.skip("group does not divide K")
+    packed = kernel_weights(quantize(_weight(n, k), spec))
+    tiles, scales = tiling.tile(packed)
+    x = torch.randn(rows, k) * torch.logspace(-2, 1, rows)[:, None]
+    bias = torch.randn(n)
+    for per_row in (False, True):
+        expected = ops.qlinear(x, packed, per_row, bias, use_kernel=False)
+        _close(ops.qlinear_tiled(x, tiles, scales, packed.bits, n, per_row, bias), expected)
+
+
+@pytest.mark.parametrize("spec", TILEABLE, ids=str)
+@pytest.mark.parametrize("n", [1, 17, 48])
+def test_tiling_round_trips_in_place_or_not_and_gathers_rows(spec, n):
+    packed = kernel_weights(quantize(_weight(n, 128), spec))
+    tiles, scales = tiling.tile(packed)
+    back = tiling.untile(tiles, scales, packed.bits, n)
+    assert torch.equal(back.qweight, packed.qweight) and torch.equal(back.scales, packed.scales)
+    assert back.zero == packed.zero and back.offsets is None
+    if packed.bits == 8:
+        ids = torch.tensor([[0, n - 1], [n // 2, 0]])
+        assert torch.equal(tiling.int8_rows(tiles, ids), packed.qweight[ids])
+    copy = kernel_weights(quantize(_weight(n, 128), spec))
+    in_place, _ = tiling.tile(copy, in_place=True)
+    assert torch.equal(in_place, tiles)
+    assert (in_place.data_ptr() == copy.qweight.data_ptr()) == (n % tiling.TILE == 0)  # no second copy
+
+
+@pytest.mark.parametrize("widths", [(16, 32, 5), (16, 24, 8)])  # whole tiles stacked / through the row layout
+def test_concatenated_tiles_compute_the_parts_side_by_side(widths):
+    spec = TILEABLE[-1]
+    parts = [tiling.TiledWeight(*tiling.tile(kernel_weights(quantize(_weight(n, 64), spec))), spec.bits, n)
+             for n in widths]
+    fused = tiling.concat(parts)
+    x = torch.randn(3, 64)
+    expected = torch.cat([ops.qlinear_tiled(x, p.tiles, p.scales, p.bits, p.n, False, None) for p in parts], -1)
+    assert fused.shape == (sum(widths), 64)
+    torch.testing.assert_close(ops.qlinear_tiled(x, fused.tiles, fused.scales, fused.bits, fused.n, False, None),
+                               expected, rtol=0, atol=0)
+
+
+def test_tiled_rows_are_bitwise_independent_of_their_batch(isa):
+    for spec in TILEABLE:
+        packed = kernel_weights(quantize(_weight(40, 128), spec))
+        tiles, scales = tiling.tile(packed)
+        batch = torch.randn(9, 128) * torch.logspace(-2, 2, 9)[:, None]
+        together = ops.qlinear_tiled(batch, tiles, scales, packed.bits, 40, False, None)
+        for row in range(9):
+            alone = ops.qlinear_tiled(batch[row:row + 1], tiles, scales, packed.bits, 40, False, None)
+            assert torch.equal(alone[0], together[row])
+
+
+def test_affine_weights_are_not_tiled():
+    packed = kernel_weights(quantize(_weight(16, 64), QuantSpec(8, "affine", "group", 32)))
+    assert not tiling.can_tile(packed)
+    with pytest.raises(ValueError, match="only symmetric int8/int4 weights can be tiled"):
+        tiling.tile(packed)
+
+
 def test_shape_and_type_errors_name_the_argument():
     packed = kernel_weights(quantize(_weight(16, 64), SPECS[0]))
     op = torch.ops.cpu_llm.qlinear
@@ -107,6 +176,14 @@ def test_shape_and_type_errors_name_the_argument():
         op(torch.randn(1, 64), packed.qweight, packed.scales, None, 8, 0.0, False, torch.zeros(3))
     with pytest.raises(RuntimeError, match="set_isa: 'sse2' is not supported"):
         ops.set_isa("sse2")
+    tiles, scales = tiling.tile(packed)
+    tiled = torch.ops.cpu_llm.qlinear_tiled
+    with pytest.raises(RuntimeError, match=r"tiles must be a contiguous uint8 \[2, K x 16\] tensor for N = 17"):
+        tiled(torch.randn(1, 64), tiles, scales, 8, 17, False, None)
+    with pytest.raises(RuntimeError, match=r"scales must be a contiguous float32 or float16 \[1, groups, 16\]"):
+        tiled(torch.randn(1, 64), tiles, scales[:, :, :8].contiguous(), 8, 16, False, None)
+    with pytest.raises(RuntimeError, match="qlinear_tiled: x has 32 columns but the weight has K = 64"):
+        tiled(torch.randn(1, 32), tiles, scales, 8, 16, False, None)
 
 
 def test_ops_trace_into_compiled_graphs_through_their_fake_kernels():

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from cpu_llm import ops
 from cpu_llm.quant import quantize
 from cpu_llm.config import ConfigError, parse_serving_config
 from cpu_llm.engine.generation import Sequence, left_pad, prefill
@@ -126,7 +127,12 @@ def test_woq_quantizes_every_linear_layer_and_the_lm_head(model_dir, name, backe
     if backend == "native":  # quantized while loading; the tied head reads the embedding's int8 rows
         assert served.report["quantized_while_loading"]
         assert served.model.lm_head.qweight is served.model.model.embed_tokens.qweight
-        assert served.model.lm_head.qweight.dtype == torch.int8 and served.model.lm_head.compute == "int8"
+        head = served.model.lm_head
+        assert head.packed.qweight.dtype == torch.int8 and head.compute == "int8"
+        # Tiled on AVX-512 VNNI hosts (every layer, the shared table in place), row layout elsewhere.
+        tiled = ops.current_isa() == "avx512-vnni"
+        assert served.report["tiled_layers"] == (WOQ_COUNTS[backend] if tiled else 0)
+        assert head.tiled == served.model.model.embed_tokens.tiled == tiled
     woq = next(m for m in served.model.modules() if type(m).__name__ == WOQ_MODULES[backend])
     stored = woq.qweight if backend == "native" else woq.weight
     assert stored.dtype in (torch.int8, torch.uint8, torch.quint4x2)

@@ -8,8 +8,9 @@ import torch
 
 from cpu_llm import ops
 from cpu_llm.ops import kernel_status
+from cpu_llm.quant import tiling
 from cpu_llm.quant.quantized_linear import (KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
-                                      replace_linears)
+                                            replace_linears, tile_model)
 from cpu_llm.quant.quantlib import QuantSpec, dequantize, kernel_weights, quantize
 
 WOQ_SPECS = [QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "affine", "group", 64),
@@ -121,6 +122,25 @@ def test_quantized_embedding_gathers_scaled_int8_rows():
     assert out.shape == (2, 3, 64) and out.dtype == torch.float32
     torch.testing.assert_close(out, dequantize(quantize(table, W8A8))[ids])
     assert float((out - table[ids]).abs().max()) <= float(table.abs().max()) / 127
+
+
+@pytest.mark.skipif(ops.current_isa() != tiling.TILED_ISA, reason="layers are tiled on AVX-512 VNNI hosts only")
+def test_tile_model_tiles_integer_layers_and_a_tied_embedding_reads_the_heads_tiles():
+    table = torch.randn(96, 192)
+    head = QuantizedLinear(kernel_weights(quantize(table, W8A8)), None, W8A8, "woq", "int8")
+    embedding = QuantizedEmbedding(head.qweight, head.scales)
+    fp32_compute = QuantizedLinear.from_linear(_linear(), WOQ_SPECS[0], compute="fp32")
+    affine = QuantizedLinear.from_linear(_linear(), QuantSpec(8, "affine", "group", 32), compute="int8")
+    model = torch.nn.ModuleList([embedding, head, fp32_compute, affine])
+    ids, x = torch.tensor([[5, 95], [0, 17]]), torch.randn(3, 192)
+    before = [embedding(ids), head(x), fp32_compute(x), affine(x)]
+    assert tile_model(model) == 1  # fp32 compute and affine weights keep the row layout
+    assert head.tiled and embedding.tiled and embedding.qweight is head.qweight  # one table, tiled in place
+    assert not fp32_compute.tiled and not affine.tiled
+    for a, b in zip(before, [embedding(ids), head(x), fp32_compute(x), affine(x)]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(head.packed.qweight, kernel_weights(quantize(table, W8A8)).qweight)
+    assert "tiled" in repr(head)
 
 
 @pytest.mark.parametrize("use_kernel", [False, True] if ops.kernels_available() else [False])

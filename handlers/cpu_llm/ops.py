@@ -27,8 +27,9 @@ def _op(name: str):
     return getattr(torch.ops.cpu_llm, name).default if _kernels is not None else None
 
 
-_QLINEAR, _WOQ_LINEAR_F32, _DEQUANTIZE_INTO, _LINEAR_F32, _LINEAR_F32_CAT = (
-    _op("qlinear"), _op("woq_linear_f32"), _op("dequantize_into"), _op("linear_f32"), _op("linear_f32_cat"))
+_QLINEAR, _QLINEAR_TILED, _WOQ_LINEAR_F32, _DEQUANTIZE_INTO, _LINEAR_F32, _LINEAR_F32_CAT = (
+    _op("qlinear"), _op("qlinear_tiled"), _op("woq_linear_f32"), _op("dequantize_into"), _op("linear_f32"),
+    _op("linear_f32_cat"))
 _SLOT_ATTENTION, _RMS_NORM, _ADD_RMS_NORM_, _SILU_MUL = (
     _op("slot_attention"), _op("rms_norm"), _op("add_rms_norm_"), _op("silu_mul"))
 BLOCK = 32  # activations are quantized in blocks of 32 values (kernels/csrc/isa.h)
@@ -68,6 +69,10 @@ if _kernels is not None:
     @torch.library.register_fake("cpu_llm::qlinear")
     def _(x, qweight, scales, offsets, bits, zero, act_per_row, bias):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("cpu_llm::qlinear_tiled")
+    def _(x, tiles, scales, bits, n, act_per_row, bias):
+        return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("cpu_llm::woq_linear_f32")
     def _(x, qweight, scales, offsets, bits, zero, bias):
@@ -130,6 +135,12 @@ def qlinear_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
     """qlinear on the kernels with the weight's tensors passed as they are (the runner's hot path:
     x float32 (M, K) contiguous, no PackedWeight built per call)."""
     return _QLINEAR(x, qweight, scales, offsets, bits, zero, act_per_row, bias)
+
+
+def qlinear_tiled(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, bits: int, n: int, act_per_row: bool,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """qlinear for a weight in the tiled layout (quant/tiling.py); x float32 (M, K) contiguous."""
+    return _QLINEAR_TILED(x, tiles, scales, bits, n, act_per_row, bias)
 
 
 def woq_linear_f32(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None, use_kernel: bool) -> torch.Tensor:

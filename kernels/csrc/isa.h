@@ -81,6 +81,31 @@ void prepare_pairs_avx512(const QuantActs& acts, int zero_u, int32_t* neg_corr, 
 void qlinear_sym_avx512(const QuantActs& acts, const PairActs& pairs, const QuantWeights& w, int64_t n0, int64_t n1,
                         float* y, int64_t ldy);
 
+// Symmetric weights tiled for AVX-512 VNNI (the row layout of QuantWeights repacked once at
+// load, quant/tiling.py): 16 output rows per tile, so one 512-bit dpbusd computes 16 rows x 4
+// columns with one activation broadcast, and the per-block scale work is done once per 16 rows
+// instead of per row (no horizontal sums either). Per tile and block of 32 columns:
+//   bits 8: [8 groups of 4 columns][16 rows][4 bytes] = 512 bytes, stored unsigned (w + 128);
+//   bits 4: [4 groups][16 rows][4 bytes] = 256 bytes, byte i of group j holding column 4j + i in
+//           its low nibble and 16 + 4j + i in its high one (unsigned, w + zero).
+// scales: [tiles, groups, 16] float32 or float16 (rows past N are zero).
+struct TiledWeights {
+  const uint8_t* data;
+  const void* scales;
+  bool scales_fp16;
+  int bits;
+  int zero_u;  // the stored value of a zero weight: 128 (8 bits) or 8 (4 bits)
+  int64_t groups, K, N;
+
+  int64_t block_bytes() const { return bits == 8 ? 16 * kBlock : 8 * kBlock; }
+  int64_t tile_bytes() const { return K / kBlock * block_bytes(); }
+};
+
+// y[m, n] for n in tiles [t0, t1) of 16 rows (the last one may be partial).
+// block_corr: [M, K / kBlock] int32, -zero_u x the sum of the block's int8 activations.
+void qlinear_tiled_avx512(const QuantActs& acts, const int32_t* block_corr, const TiledWeights& w, int64_t t0,
+                          int64_t t1, float* y, int64_t ldy);
+
 // y[m, n] with the weight dequantized in registers, fp32 activations and accumulation.
 void woq_f32_avx2(const float* x, int64_t M, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy);
 

@@ -4,6 +4,9 @@
 //   qlinear(x, qweight, scales, offsets, bits, zero, act_per_row, bias)
 //       int8/int4 weights x activations quantized to int8 on the fly (per block of 32, or per
 //       row for SmoothQuant's W8A8): integer dot products, fp32 result.
+//   qlinear_tiled(x, tiles, scales, bits, n, act_per_row, bias)
+//       the same for symmetric weights tiled 16 rows at a time (quant/tiling.py, isa.h): the
+//       AVX-512 VNNI decode path.
 //   woq_linear_f32(x, qweight, scales, offsets, bits, zero, bias)
 //       the same weights dequantized in registers, fp32 activations and accumulation.
 //   dequantize_into(qweight, scales, offsets, bits, zero, out)
@@ -96,20 +99,26 @@ torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, 
   return y;
 }
 
+// x quantized to int8 per block of kBlock (or per row), in this thread's buffers (valid until
+// its next call). Plain buffers, not tensors: a decode step makes ~200 of these calls and a
+// tensor allocation plus an op dispatch each cost microseconds.
+QuantActs quantize_acts(const torch::Tensor& x, int64_t K, int64_t groups, bool act_per_row) {
+  const int64_t M = x.size(0), nb = K / kBlock, per_group = nb / groups;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs, xsum, gsum;
+  xq.resize(M * K), xs.resize(M * nb), xsum.resize(M * nb), gsum.assign(M * groups, 0.f);
+  quantize_acts_avx2(x.data_ptr<float>(), M, K, act_per_row, xq.data(), xs.data(), xsum.data());
+  for (int64_t i = 0; i < M * nb; ++i) gsum[i / per_group] += xsum[i];  // per weight group, for the offsets
+  return QuantActs{xq.data(), xs.data(), xsum.data(), gsum.data(), M, K};
+}
+
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
                       int64_t bits, double zero, bool act_per_row, c10::optional<torch::Tensor> bias) {
   const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "qlinear");
   check_x(x, w.K, "qlinear");
   const Isa isa = current_isa();
-  const int64_t M = x.size(0), N = qweight.size(0), nb = w.K / kBlock, per_group = nb / w.groups;
-  // Plain buffers, not tensors: a decode step makes ~200 of these calls and a tensor allocation
-  // plus an op dispatch each cost microseconds.
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<float> xs, xsum, gsum;
-  xq.resize(M * w.K), xs.resize(M * nb), xsum.resize(M * nb), gsum.assign(M * w.groups, 0.f);
-  quantize_acts_avx2(x.data_ptr<float>(), M, w.K, act_per_row, xq.data(), xs.data(), xsum.data());
-  for (int64_t i = 0; i < M * nb; ++i) gsum[i / per_group] += xsum[i];  // per weight group, for the offsets
-  const QuantActs acts{xq.data(), xs.data(), xsum.data(), gsum.data(), M, w.K};
+  const int64_t M = x.size(0), N = qweight.size(0), nb = w.K / kBlock;
+  const QuantActs acts = quantize_acts(x, w.K, w.groups, act_per_row);
   auto y = torch::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
   // Symmetric weights on AVX-512: the zero point is taken out in integers (PairActs).
@@ -131,6 +140,79 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scal
     else qlinear_avx2(acts, w, n0, n1, yp, N, scratch.data());
   });
   return finish(y, bias, "qlinear");
+}
+
+// Tile t of a tiled weight back in the row layout of QuantWeights (signed int8, or nibbles with
+// zero 8) with float32 scales, for hosts or tests running below AVX-512 VNNI.
+QuantWeights untile(const TiledWeights& w, int64_t t, std::vector<uint8_t>& rows, std::vector<float>& scales) {
+  const int64_t nb = w.K / kBlock, row_bytes = w.bits == 8 ? w.K : w.K / 2, groups_of_4 = w.bits == 8 ? 8 : 4;
+  rows.resize(16 * row_bytes), scales.resize(16 * w.groups);
+  const uint8_t* tile = w.data + t * w.tile_bytes();
+  const uint8_t flip = w.bits == 8 ? 0x80 : 0x00;  // int8 is stored as w + 128
+  for (int64_t r = 0; r < 16; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      for (int64_t j = 0; j < groups_of_4; ++j) {
+        for (int64_t i = 0; i < 4; ++i) {
+          rows[r * row_bytes + b * row_bytes / nb + 4 * j + i] = tile[b * w.block_bytes() + j * 64 + r * 4 + i] ^ flip;
+        }
+      }
+    }
+    for (int64_t g = 0; g < w.groups; ++g) {
+      const int64_t at = (t * w.groups + g) * 16 + r;
+      scales[r * w.groups + g] = w.scales_fp16 ? static_cast<float>(c10::Half(static_cast<const uint16_t*>(w.scales)[at],
+                                                                                c10::Half::from_bits()))
+                                               : static_cast<const float*>(w.scales)[at];
+    }
+  }
+  return QuantWeights{rows.data(), scales.data(), false, nullptr, w.bits == 8 ? 0.f : 8.f, w.bits, w.groups, w.K};
+}
+
+// qlinear for a symmetric weight tiled by quant/tiling.py: tiles uint8 [ceil(N / 16), K x 16 or
+// K x 8 (4 bits)], scales float32/float16 [ceil(N / 16), groups, 16].
+torch::Tensor qlinear_tiled(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
+                            bool act_per_row, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(bits == 8 || bits == 4, "qlinear_tiled: bits must be 8 or 4, got ", bits);
+  const int64_t T = (N + 15) / 16;
+  TORCH_CHECK(N > 0 && tiles.dim() == 2 && tiles.scalar_type() == torch::kByte && tiles.is_contiguous() &&
+                  tiles.size(0) == T && tiles.size(1) % (bits == 8 ? 16 * kBlock : 8 * kBlock) == 0,
+              "qlinear_tiled: tiles must be a contiguous uint8 [", T, ", K x ", bits == 8 ? 16 : 8, "] tensor for N = ",
+              N, " (K a multiple of ", kBlock, "), got ", tiles.scalar_type(), " ", tiles.sizes());
+  const int64_t K = tiles.size(1) / (bits == 8 ? 16 : 8), nb = K / kBlock;
+  TORCH_CHECK(scales.dim() == 3 && scales.is_contiguous() && scales.size(0) == T && scales.size(2) == 16 &&
+                  scales.size(1) > 0 && nb % scales.size(1) == 0 &&
+                  (scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf),
+              "qlinear_tiled: scales must be a contiguous float32 or float16 [", T, ", groups, 16] tensor whose groups "
+              "split the ", nb, " blocks of K = ", K, ", got ", scales.scalar_type(), " ", scales.sizes());
+  check_x(x, K, "qlinear_tiled");
+  const Isa isa = current_isa();
+  const TiledWeights w{tiles.data_ptr<uint8_t>(), scales.data_ptr(), scales.scalar_type() == torch::kHalf,
+                       static_cast<int>(bits), bits == 8 ? 128 : 8, scales.size(1), K, N};
+  const int64_t M = x.size(0);
+  const QuantActs acts = quantize_acts(x, K, w.groups, act_per_row);
+  auto y = torch::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  if (isa == kAvx512) {
+    thread_local std::vector<int32_t> corr;
+    corr.resize(M * nb);
+    for (int64_t i = 0; i < M * nb; ++i) {
+      int32_t sum = 0;
+      for (int64_t k = 0; k < kBlock; ++k) sum += acts.q[i * kBlock + k];
+      corr[i] = -w.zero_u * sum;
+    }
+    const int32_t* block_corr = corr.data();  // not `corr` inside the lambda: that names each thread's own
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) { qlinear_tiled_avx512(acts, block_corr, w, t0, t1, yp, N); });
+  } else {
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<uint8_t> rows;
+      std::vector<float> row_scales, out(M * 16), scratch((1 + kMaxTile) * nb);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = std::min<int64_t>(16, N - t * 16);
+        qlinear_avx2(acts, untile(w, t, rows, row_scales), 0, n, out.data(), 16, scratch.data());
+        for (int64_t m = 0; m < M; ++m) std::copy_n(out.data() + m * 16, n, yp + m * N + t * 16);
+      }
+    });
+  }
+  return finish(y, bias, "qlinear_tiled");
 }
 
 torch::Tensor woq_linear_f32(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
@@ -201,6 +283,7 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<to
 TORCH_LIBRARY(cpu_llm, m) {
   m.def("qlinear(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int bits, float zero, bool act_per_row, "
         "Tensor? bias) -> Tensor");
+  m.def("qlinear_tiled(Tensor x, Tensor tiles, Tensor scales, int bits, int n, bool act_per_row, Tensor? bias) -> Tensor");
   m.def("woq_linear_f32(Tensor x, Tensor qweight, Tensor scales, Tensor? offsets, int bits, float zero, "
         "Tensor? bias) -> Tensor");
   m.def("dequantize_into(Tensor qweight, Tensor scales, Tensor? offsets, int bits, float zero, Tensor(a!) out) -> ()");
@@ -210,6 +293,7 @@ TORCH_LIBRARY(cpu_llm, m) {
 
 TORCH_LIBRARY_IMPL(cpu_llm, CPU, m) {
   m.impl("qlinear", &cpu_llm::qlinear);
+  m.impl("qlinear_tiled", &cpu_llm::qlinear_tiled);
   m.impl("woq_linear_f32", &cpu_llm::woq_linear_f32);
   m.impl("dequantize_into", &cpu_llm::dequantize_into);
   m.impl("linear_f32", &cpu_llm::linear_f32);

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..quant import tiling
 from ..quant.quantized_linear import FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedLinear
 from ..quant.quantlib import PackedWeight
 
@@ -55,7 +56,7 @@ def _cat_bias(parts: list[torch.nn.Module], rows: list[int]) -> torch.Tensor | N
 
 
 def _quantized_key(m: QuantizedLinear) -> tuple:
-    return (m.kind, m.compute, m.bits, m.zero, m.spec, m.scales.dtype, m.offsets is None, m.in_features)
+    return (m.kind, m.compute, m.bits, m.zero, m.spec, m.scales.dtype, m.offsets is None, m.in_features, m.tiled)
 
 
 def fuse_linears(parts: list[torch.nn.Module]) -> torch.nn.Module:
@@ -66,9 +67,12 @@ def fuse_linears(parts: list[torch.nn.Module]) -> torch.nn.Module:
         return FullPrecisionGroup(parts)
     if kinds == {QuantizedLinear} and len({_quantized_key(p) for p in parts}) == 1:
         first = parts[0]
+        bias = _cat_bias(parts, [p.out_features for p in parts])
+        if first.tiled:  # tile_model ran at load
+            return QuantizedLinear(tiling.concat([p.tiled_weight for p in parts]), bias, first.spec, first.kind,
+                                   first.compute)
         packed = PackedWeight(
             torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
             None if first.offsets is None else torch.cat([p.offsets for p in parts]), first.bits, first.zero)
-        return QuantizedLinear(packed, _cat_bias(parts, [p.out_features for p in parts]), first.spec, first.kind,
-                               first.compute)
+        return QuantizedLinear(packed, bias, first.spec, first.kind, first.compute)
     return Concat(parts)

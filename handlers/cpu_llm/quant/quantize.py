@@ -28,11 +28,12 @@ import torch
 
 from .calibration import calibration_batches, read_texts
 from ..errors import ConfigError, QuantizationError
+from ..loader import release_freed_memory
 from ..engine.generation import GenerationResult, Sequence, TokenizerInfo, generate_batch
 from ..model import load_model, load_tokenizer_info
 from ..ops import kernel_status
 from .quant_config import SECTION, QuantizationConfig
-from .quantized_linear import FullPrecisionLinear, as_linear
+from .quantized_linear import FullPrecisionLinear, as_linear, tile_model
 
 logger = logging.getLogger(__name__)
 CACHE_DIR_ENV = "LLM_CPU_CACHE_DIR"  # where SmoothQuant calibrations are cached
@@ -243,6 +244,9 @@ def _served(model: torch.nn.Module, q: QuantizationConfig, backend: str, rss_bef
         from . import native_backend
 
         extra = native_backend.fp32_matvec(model)  # fp32 layers left (all of them, or a kept head)
+    if backend == "native" and q.method != "none":
+        extra["tiled_layers"] = tile_model(model)  # the AVX-512 VNNI kernel's layout, where it serves
+        release_freed_memory()  # tiling's slices
     counts, quantized = module_report(model)
     if q.method != "none" and quantized == 0:
         message = (f"{q.method} with backend {backend} left every linear layer unquantized "

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from . import tiling
 from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
 KINDS = ("woq", "w8a8")
@@ -34,18 +35,20 @@ FP32_KERNEL_MAX_ROWS = 8
 class QuantizedLinear(torch.nn.Module):
     """y = x W^T + b with W stored as integers (quantlib.kernel_weights gives the layout)."""
 
-    def __init__(self, packed: PackedWeight, bias: torch.Tensor | None, spec: QuantSpec, kind: str = "woq",
-                 compute: str = "fp32") -> None:
+    def __init__(self, packed: PackedWeight | tiling.TiledWeight, bias: torch.Tensor | None, spec: QuantSpec,
+                 kind: str = "woq", compute: str = "fp32") -> None:
         super().__init__()
         if kind not in KINDS or compute not in COMPUTES:
             raise ValueError(f"kind must be one of {KINDS}, compute one of {COMPUTES}")
         if kind == "w8a8" and (spec.bits, spec.scheme, spec.granularity) != (8, "symmetric", "channel"):
             raise ValueError("w8a8 needs symmetric per-channel 8-bit weights")
         self.out_features, self.in_features = packed.shape
-        self.bits, self.zero, self.kind, self.spec = packed.bits, packed.zero, kind, spec
-        self.register_buffer("qweight", packed.qweight)
-        self.register_buffer("scales", packed.scales)
-        self.register_buffer("offsets", packed.offsets)
+        self.tiled = isinstance(packed, tiling.TiledWeight)  # qweight/scales in the tiled layout (tile())
+        self.bits, self.kind, self.spec = packed.bits, kind, spec
+        self.zero = tiling.ZERO[packed.bits] if self.tiled else packed.zero
+        self.register_buffer("qweight", packed.tiles if self.tiled else packed.qweight)
+        self.register_buffer("scales", packed.scales)  # [N, groups], or [tiles, groups, 16]
+        self.register_buffer("offsets", None if self.tiled else packed.offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         group = self.in_features // packed.scales.shape[1]
         self.use_kernel = ops.kernels_available() and self.in_features % ops.BLOCK == 0 and group % ops.BLOCK == 0
@@ -65,9 +68,33 @@ class QuantizedLinear(torch.nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
+        """The weight in the row layout (a copy when tiled)."""
+        if self.tiled:
+            return self.tiled_weight.untile()
         return PackedWeight(self.qweight, self.scales, self.offsets, self.bits, self.zero)
 
+    @property
+    def tiled_weight(self) -> tiling.TiledWeight:
+        return tiling.TiledWeight(self.qweight, self.scales, self.bits, self.out_features)
+
+    def tile(self) -> bool:
+        """Move the weight into the tiled layout when this host's kernels serve it tiled (integer
+        compute on AVX-512 VNNI, symmetric weights); True if it did."""
+        if self.tiled or not self.integer_kernel or ops.current_isa() != tiling.TILED_ISA \
+                or not tiling.can_tile(self.packed):
+            return False
+        self.qweight, self.scales = tiling.tile(self.packed, in_place=True)
+        self.tiled = True
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiled:
+            shape = x.shape
+            x2 = x if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() \
+                else x.reshape(-1, self.in_features).float().contiguous()  # (rows, K)
+            y = ops.qlinear_tiled(x2, self.qweight, self.scales, self.bits, self.out_features, self.kind == "w8a8",
+                                  self.bias)
+            return y if x2 is x else y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         if self.integer_kernel and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
             # The model runner's rows: straight to the kernel (each step below costs ~1 us, x 200 calls).
             return ops.qlinear_2d(x, self.qweight, self.scales, self.offsets, self.bits, self.zero,
@@ -88,7 +115,8 @@ class QuantizedLinear(torch.nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
                 f"bits={self.bits}, {self.spec.scheme} per {self.spec.granularity}"
                 + (f" of {self.spec.group_size}" if self.spec.group_size else "")
-                + f", compute={self.compute}, kernel={ops.current_isa() if self.use_kernel else 'reference'}")
+                + f", compute={self.compute}, kernel={ops.current_isa() if self.use_kernel else 'reference'}"
+                + (", tiled" if self.tiled else ""))
 
 
 class QuantizedEmbedding(torch.nn.Module):
@@ -100,9 +128,15 @@ class QuantizedEmbedding(torch.nn.Module):
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.register_buffer("qweight", qweight)  # int8 [vocab, hidden]
         self.register_buffer("scales", scales)  # float32 [vocab, 1]
+        self.tiled = False
+
+    def read_tiles_of(self, head: "QuantizedLinear") -> None:
+        """Gather from the tied LM head's tiled table from now on (the row copy is released)."""
+        self.qweight, self.tiled = head.qweight, True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].float() * self.scales[ids]  # (..., hidden)
+        rows = tiling.int8_rows(self.qweight, ids) if self.tiled else self.qweight[ids]
+        return rows.float() * self.scales[ids]  # (..., hidden)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
@@ -135,9 +169,10 @@ def parameter_count(model: torch.nn.Module) -> int:
     total = 0
     for module in model.modules():
         tensors = [(t, t.numel()) for t in module.parameters(recurse=False)]
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            rows, cols = module.qweight.shape
-            tensors.append((module.qweight, rows * cols * (2 if getattr(module, "bits", 8) == 4 else 1)))
+        if isinstance(module, QuantizedLinear):
+            tensors.append((module.qweight, module.out_features * module.in_features))
+        elif isinstance(module, QuantizedEmbedding):
+            tensors.append((module.qweight, module.num_embeddings * module.embedding_dim))
         for tensor, count in tensors:
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
@@ -175,3 +210,19 @@ def replace_linears(model: torch.nn.Module, convert: Callable[[str, torch.nn.Lin
     for name, linear in targets:
         set_module(model, name, convert(name, linear))
     return [name for name, _ in targets]
+
+
+def tile_model(model: torch.nn.Module) -> int:
+    """Tile every quantized linear layer the kernels serve tiled (QuantizedLinear.tile, in place);
+    a tied embedding shares the LM head's table and reads it tiled from then on. Returns the
+    number of layers tiled."""
+    shared = {m.qweight.data_ptr(): m for m in model.modules() if isinstance(m, QuantizedEmbedding)}
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, QuantizedLinear):
+            table = module.qweight.data_ptr()
+            if module.tile():
+                count += 1
+                if table in shared:
+                    shared[table].read_tiles_of(module)
+    return count
