@@ -53,16 +53,17 @@ def run(cmd: list[str], **kwargs) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs).stdout
 
 
-def prepare_peer(work: Path, models: list[Path]) -> dict[Path, Path]:
-    """llama.cpp built, and each model's GGUFs (prefix per model folder)."""
-    run(["bash", str(PEER / "build_llama_cpp.sh"), str(work)])
+def prepare_peer(work: Path, models: list[Path], peer: Path) -> dict[Path, Path]:
+    """llama.cpp built (kept if work/bin/llama-bench exists: a host without network can build
+    it beforehand), and each model's GGUFs (prefix per model folder)."""
+    run(["bash", str(peer / "build_llama_cpp.sh"), str(work)])
     prefixes = {}
     for model in models:
         prefix = work / "gguf" / model.name
         if not all(Path(f"{prefix}-{t}.gguf").is_file() for t in ("F32", "Q8_0", "Q4_0")):
             prefix.parent.mkdir(parents=True, exist_ok=True)
             print(f"converting {model} to GGUF F32/Q8_0/Q4_0 ...", flush=True)
-            run(["bash", str(PEER / "to_gguf.sh"), str(model), str(prefix), sys.executable, str(work)])
+            run(["bash", str(peer / "to_gguf.sh"), str(model), str(prefix), sys.executable, str(work)])
         prefixes[model] = prefix
     return prefixes
 
@@ -157,6 +158,7 @@ def main() -> None:
                         help=f"HF model folders (default: the default model and a 1B shape made in --work)")
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"))
+    parser.add_argument("--peer", type=Path, default=PEER, help="the peer scripts (default: %(default)s)")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--accuracy", action="store_true",
                         help="also perplexity of ours vs llama.cpp on eval/python-reference.txt (first model)")
@@ -172,10 +174,10 @@ def main() -> None:
         shape = args.work / SHAPE_1B
         if not (shape / "config.json").is_file():
             print(f"making the 1B Llama shape (random weights) in {shape} ...", flush=True)
-            run([sys.executable, str(PEER / "make_shape_model.py"), "--out", str(shape),
+            run([sys.executable, str(args.peer / "make_shape_model.py"), "--out", str(shape),
                  "--tokenizer-from", str(ROOT / "models" / "SmolLM2-135M-Instruct")])
         models = [ROOT / "models" / "SmolLM2-135M-Instruct", shape]
-    prefixes = prepare_peer(args.work, models)
+    prefixes = prepare_peer(args.work, models, args.peer)
     bandwidth = memory_bandwidth_gb_s(args.threads)
     print(f"machine read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); "
           f"CPU: {psutil.cpu_count()} logical, torch ISA {torch.backends.cpu.get_cpu_capability()}", flush=True)
