@@ -78,8 +78,19 @@ def test_slot_attention_names_what_is_wrong():
         call(**{**good, "positions": torch.tensor([0.0])})
 
 
-@pytest.mark.parametrize("rows,width", [(1, 576), (7, 100), (33, 2048)])
-def test_norm_and_activation_ops_match_their_references(rows, width):
+@pytest.mark.parametrize("isa", ops.supported_isas())
+@pytest.mark.parametrize("rows,width", [(1, 576), (7, 100), (33, 2048), (1, 8192)])
+def test_norm_and_activation_ops_match_their_references(rows, width, isa):
+    """On every ISA the host runs (vectorized bodies, tails of 1..7 values included)."""
+    best = ops.current_isa()
+    ops.set_isa(isa)
+    try:
+        _check_norm_and_activation(rows, width)
+    finally:
+        ops.set_isa(best)
+
+
+def _check_norm_and_activation(rows: int, width: int) -> None:
     torch.manual_seed(rows)
     x, delta, weight = torch.randn(rows, width), torch.randn(rows, width), torch.randn(width)
     torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), ops.rms_norm_reference(x, weight, 1e-5))
@@ -87,8 +98,10 @@ def test_norm_and_activation_ops_match_their_references(rows, width):
     normed = ops.add_rms_norm_(residual, delta, weight, 1e-5)
     assert torch.equal(residual, x + delta)  # the residual stream is updated in place
     torch.testing.assert_close(normed, ops.rms_norm_reference(x + delta, weight, 1e-5))
-    gate_up = torch.randn(rows, 2 * width)
+    gate_up = torch.randn(rows, 2 * width) * 30  # gates far into both tails of exp
     torch.testing.assert_close(ops.silu_mul(gate_up), ops.silu_mul_reference(gate_up))
+    extremes = torch.tensor([[-200.0, -88.5, -1e-30, 0.0, 1e-30, 88.5, 200.0] + [1.0] * 7])
+    torch.testing.assert_close(ops.silu_mul(extremes), ops.silu_mul_reference(extremes))
     with pytest.raises(RuntimeError, match="weight must be a contiguous float32 tensor of"):
         ops.rms_norm(x, torch.randn(width + 1), 1e-5)
 

@@ -25,7 +25,7 @@
 namespace cpu_llm {
 namespace {
 
-constexpr int64_t kWorkPerTask = 16384;  // multiply-adds of q . k per thread task (and as many for v)
+constexpr int64_t kWorkPerTask = 65536;  // multiply-adds of q . k per thread task (and as many for v)
 
 void check_float(const torch::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.dim() == dim, "slot_attention: ", name,

@@ -2,7 +2,8 @@
 // hosts run it too: with head_dim 64 the dot products are too short for wider vectors to pay).
 // Compiled for that target only here; see attention.h.
 #include <immintrin.h>
-#include <math.h>
+
+#include <cmath>
 
 #include "attention.h"
 
@@ -12,12 +13,7 @@
 namespace cpu_llm {
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+#include "vec_avx2.h"
 
 inline float dot(const float* a, const float* b, int64_t D) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -42,23 +38,36 @@ void rope_avx2(const float* x, const float* cos, const float* sin, int64_t half,
 
 void attend_avx2(const float* q, const float* keys, const float* values, int64_t len, int64_t D, float scale,
                  float* scores, float* out) {
-  float top = -INFINITY;
+  float top = -HUGE_VALF;
   for (int64_t l = 0; l < len; ++l) {
     const float s = dot(q, keys + l * D, D) * scale;
     scores[l] = s;
     top = s > top ? s : top;
   }
+  const __m256 vtop = _mm256_set1_ps(top);
+  map8(scores, len, [&](__m256 s) { return exp8(_mm256_sub_ps(s, vtop)); });
   float total = 0.f;
-  for (int64_t l = 0; l < len; ++l) {
-    scores[l] = expf(scores[l] - top);
-    total += scores[l];
+  for (int64_t l = 0; l < len; ++l) total += scores[l];
+  const __m256 inv = _mm256_set1_ps(1.f / total);
+  // Values: 64 columns per pass, 8 independent accumulators (one chain per 8 columns would wait
+  // on the FMA latency at every position).
+  int64_t i = 0;
+  for (; i + 64 <= D; i += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t l = 0; l < len; ++l) {
+      const __m256 s = _mm256_set1_ps(scores[l]);
+      const float* v = values + l * D + i;
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(s, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + i + 8 * j, _mm256_mul_ps(acc[j], inv));
   }
-  for (int64_t i = 0; i < D; i += 8) {
+  for (; i < D; i += 8) {  // head_dim not a multiple of 64: the rest 8 columns at a time
     __m256 acc = _mm256_setzero_ps();
     for (int64_t l = 0; l < len; ++l) {
       acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[l]), _mm256_loadu_ps(values + l * D + i), acc);
     }
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(acc, _mm256_set1_ps(1.f / total)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(acc, inv));
   }
 }
 

@@ -19,12 +19,7 @@ namespace {
 
 #include "tiles.h"
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+#include "vec_avx2.h"
 
 inline float scale_at(const QuantWeights& w, int64_t i) {
   if (w.scales_fp16) return _cvtsh_ss(static_cast<const uint16_t*>(w.scales)[i]);

@@ -6,11 +6,14 @@
 //                                                       then rms_norm(x): one op instead of two
 //   silu_mul(gate_up) -> Tensor                         silu(gate) * up for gate_up = [gate | up]
 //
-// x, delta: contiguous float32 [N, H]; rows run in parallel. Plain C++ compiled for baseline x86-64.
+// x, delta: contiguous float32 [N, H]; rows run in parallel. This file is compiled for baseline
+// x86-64: the per-row bodies run vectorized from rows_avx2.cpp where AVX2 is active, else here.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+
+#include "isa.h"
 
 namespace cpu_llm {
 namespace {
@@ -30,6 +33,7 @@ void check_weight(const torch::Tensor& x, const torch::Tensor& weight, const cha
 }
 
 void normalize_row(const float* x, const float* w, int64_t H, double eps, float* out) {
+  if (active_isa() > 0) return rms_norm_row_avx2(x, w, H, eps, out);
   double squares = 0.0;
   for (int64_t i = 0; i < H; ++i) squares += static_cast<double>(x[i]) * x[i];
   const float inv = static_cast<float>(1.0 / std::sqrt(squares / H + eps));
@@ -79,6 +83,10 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   at::parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float *gate = gp + r * 2 * I, *up = gate + I;
+      if (active_isa() > 0) {
+        silu_mul_avx2(gate, up, op + r * I, I);
+        continue;
+      }
       for (int64_t i = 0; i < I; ++i) op[r * I + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
     }
   });

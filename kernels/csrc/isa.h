@@ -106,6 +106,13 @@ struct TiledWeights {
 void qlinear_tiled_avx512(const QuantActs& acts, const int32_t* block_corr, const TiledWeights& w, int64_t t0,
                           int64_t t1, float* y, int64_t ldy);
 
+// The runner's row ops (rows_avx2.cpp; elementwise.cpp calls them where AVX2 runs, else its
+// scalar twins): out[i] = silu(gate[i]) x up[i], and RMSNorm of one row of H values.
+void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n);
+void rms_norm_row_avx2(const float* x, const float* w, int64_t H, double eps, float* out);
+// The instruction set the ops run on (ops.cpp): 0 none, 1 AVX2, 2 AVX-512 VNNI.
+int active_isa();
+
 // y[m, n] with the weight dequantized in registers, fp32 activations and accumulation.
 void woq_f32_avx2(const float* x, int64_t M, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy);
 

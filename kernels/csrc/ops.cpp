@@ -278,6 +278,9 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<to
 }
 
 }  // namespace
+
+int active_isa() { return g_isa.load(); }
+
 }  // namespace cpu_llm
 
 TORCH_LIBRARY(cpu_llm, m) {
