@@ -204,7 +204,7 @@ def _runner_speed(runner, prompts: list[list[int]], steps: int) -> dict[str, flo
         prefill_s = time.perf_counter() - started
         started = time.perf_counter()
         for step in range(steps if measured else 4):
-            logits = runner.run(logits.argmax(-1).tolist(), [length + step] * batch, rows, rows)
+            logits = runner.run(logits.max(-1).indices.tolist(), [length + step] * batch, rows, rows)  # as the engine
         decode_s = time.perf_counter() - started
     return {f"prefill_tok_s_b{batch}": batch * length / prefill_s, f"decode_tok_s_b{batch}": batch * steps / decode_s}
 
