@@ -53,7 +53,7 @@ def run(cmd: list[str], **kwargs) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs).stdout
 
 
-def prepare_peer(work: Path, models: list[Path], peer: Path) -> dict[Path, Path]:
+def prepare_peer(work: Path, models: list[Path], peer: Path = PEER) -> dict[Path, Path]:
     """llama.cpp built (kept if work/bin/llama-bench exists: a host without network can build
     it beforehand), and each model's GGUFs (prefix per model folder)."""
     run(["bash", str(peer / "build_llama_cpp.sh"), str(work)])

@@ -77,13 +77,17 @@ class QuantizedLinear(torch.nn.Module):
     def tiled_weight(self) -> tiling.TiledWeight:
         return tiling.TiledWeight(self.qweight, self.scales, self.bits, self.out_features)
 
-    def tile(self) -> bool:
-        """Move the weight into the tiled layout when this host's kernels serve it tiled (integer
-        compute on AVX-512 VNNI, symmetric weights); True if it did."""
-        if self.tiled or not self.integer_kernel or ops.current_isa() != tiling.TILED_ISA \
-                or not tiling.can_tile(self.packed):
+    def can_tile(self) -> bool:
+        """Whether this host's kernels serve the weight tiled (integer compute on AVX-512 VNNI,
+        symmetric weights)."""
+        return (not self.tiled and self.integer_kernel and ops.current_isa() == tiling.TILED_ISA
+                and tiling.can_tile(self.packed))
+
+    def tile(self, scratch: torch.Tensor | None = None) -> bool:
+        """Move the weight into the tiled layout, in place, where can_tile(); True if it did."""
+        if not self.can_tile():
             return False
-        self.qweight, self.scales = tiling.tile(self.packed, in_place=True)
+        self.qweight, self.scales = tiling.tile(self.packed, in_place=True, scratch=scratch)
         self.tiled = True
         return True
 
@@ -217,12 +221,11 @@ def tile_model(model: torch.nn.Module) -> int:
     a tied embedding shares the LM head's table and reads it tiled from then on. Returns the
     number of layers tiled."""
     shared = {m.qweight.data_ptr(): m for m in model.modules() if isinstance(m, QuantizedEmbedding)}
-    count = 0
-    for module in list(model.modules()):
-        if isinstance(module, QuantizedLinear):
-            table = module.qweight.data_ptr()
-            if module.tile():
-                count += 1
-                if table in shared:
-                    shared[table].read_tiles_of(module)
-    return count
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.can_tile()]
+    scratch = torch.empty(max((tiling.scratch_bytes(m.packed) for m in layers), default=0), dtype=torch.uint8)
+    for module in layers:
+        table = module.qweight.data_ptr()
+        module.tile(scratch)
+        if table in shared:
+            shared[table].read_tiles_of(module)
+    return len(layers)

@@ -65,12 +65,19 @@ def _groups_of_4(bits: int) -> int:
     return 8 if bits == 8 else 4  # 4-byte column groups per block of 32 columns
 
 
-def tile(w: PackedWeight, in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def scratch_bytes(w: PackedWeight) -> int:
+    """The scratch tile() needs for `w` (one slice of rows)."""
+    return min(-(-w.shape[0] // TILE), SLICE_TILES) * TILE * w.qweight.shape[1]
+
+
+def tile(w: PackedWeight, in_place: bool = False, scratch: torch.Tensor | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(tiles uint8 [T, K x 16 or K x 8], scales [T, groups, 16]) of `w`, T = ceil(N / 16).
 
     A tile holds the same bytes as its 16 rows in the row layout, only reordered, so with
     `in_place` (and N a multiple of 16) the tiles are written over w.qweight's own memory: a
-    model is tiled at load without a second copy of any layer (w.qweight is spent then)."""
+    model is tiled at load without a second copy of any layer (w.qweight is spent then).
+    `scratch` (uint8, at least scratch_bytes(w)) lets a whole model share one slice buffer."""
     if not can_tile(w):
         raise ValueError(f"only symmetric int8/int4 weights can be tiled (bits {w.bits}, zero {w.zero}, "
                          f"offsets {'given' if w.offsets is not None else 'none'})")
@@ -82,13 +89,23 @@ def tile(w: PackedWeight, in_place: bool = False) -> tuple[torch.Tensor, torch.T
         out = stored.view(tiles, row_bytes * TILE)
     else:
         out = torch.empty(tiles, row_bytes * TILE, dtype=torch.uint8)
-    # Slice by slice, so that tiling needs memory for a slice, not for copies of the layer.
+    # One scratch slice, reused: tiling adds a slice to memory, never a copy of the layer, and
+    # short-lived allocations per slice or per layer would fragment the heap (they raised the
+    # peak RSS of loading SmolLM2 by up to 50 MB).
+    need = scratch_bytes(w)
+    if scratch is None or scratch.numel() < need:
+        scratch = torch.empty(need, dtype=torch.uint8)
+    scratch = scratch[:need].view(-1, row_bytes)
     for start in range(0, tiles, SLICE_TILES):
         stop = min(tiles, start + SLICE_TILES)
-        part = stored[start * TILE:stop * TILE]
-        part = part ^ 0x80 if w.bits == 8 else part.clone()  # the kernel reads int8 as unsigned bytes
-        part = F.pad(part, (0, 0, 0, (stop - start) * TILE - part.shape[0]))  # (tiles x 16, row bytes)
-        out[start:stop] = part.view(stop - start, TILE, k // 32, g4, 4).permute(0, 2, 3, 1, 4).reshape(stop - start, -1)
+        rows = stored[start * TILE:min(n, stop * TILE)]
+        part = scratch[:(stop - start) * TILE]  # (tiles x 16, row bytes)
+        part[:rows.shape[0]].copy_(rows)
+        part[rows.shape[0]:] = 0  # the padding rows of a partial last tile
+        if w.bits == 8:
+            part.bitwise_xor_(0x80)  # the kernel reads int8 as unsigned bytes
+        out[start:stop].view(stop - start, k // 32, g4, TILE, 4).copy_(
+            part.view(stop - start, TILE, k // 32, g4, 4).permute(0, 2, 3, 1, 4))
     scales = F.pad(w.scales, (0, 0, 0, tiles * TILE - n)).view(tiles, TILE, -1).transpose(1, 2)  # (T, groups, 16)
     return out, scales.contiguous()
 
