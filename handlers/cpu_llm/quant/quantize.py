@@ -28,8 +28,8 @@ import torch
 
 from .calibration import calibration_batches, read_texts
 from ..errors import ConfigError, QuantizationError
-from ..loader import release_freed_memory
 from ..engine.generation import GenerationResult, Sequence, TokenizerInfo, generate_batch
+from ..loader import release_freed_memory
 from ..model import load_model, load_tokenizer_info
 from ..ops import kernel_status
 from .quant_config import SECTION, QuantizationConfig

@@ -135,7 +135,8 @@ class QuantizedEmbedding(torch.nn.Module):
         self.tiled = False
 
     def read_tiles_of(self, head: "QuantizedLinear") -> None:
-        """Gather from the tied LM head's tiled table from now on (the row copy is released)."""
+        """Gather from the tied LM head's table, now tiled (in place, or a new tensor whose row
+        copy is then released)."""
         self.qweight, self.tiled = head.qweight, True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
