@@ -16,7 +16,7 @@ setup(
     version="0.2.0",
     ext_modules=[CppExtension("cpu_llm_kernels", ["csrc/ops.cpp", "csrc/avx2.cpp", "csrc/avx512.cpp", "csrc/tiled_avx512.cpp",
                                                   "csrc/attention.cpp", "csrc/attention_avx2.cpp",
-                                                  "csrc/elementwise.cpp", "csrc/rows_avx2.cpp"],
+                                                  "csrc/elementwise.cpp", "csrc/rows_avx2.cpp", "csrc/decoder.cpp"],
                               extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"])],
     cmdclass={"build_ext": BuildExtension},
 )

@@ -214,13 +214,21 @@ MATMUL_MODULES = ("Linear", "QuantizedLinear", "FullPrecisionLinear", "FullPreci
 
 def framework_overhead_ms(runner, prompt_len: int = 32, steps: int = 32) -> dict[str, float]:
     """Batch-1 decode step time, and how much of it is not matrix products: the step minus the
-    time the same linear layers (and LM head) take on the same inputs called back to back."""
-    inputs: list[tuple[torch.nn.Module, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda m, args, out: inputs.append((m, args[0])))
-             for m in runner.model.modules() if type(m).__name__ in MATMUL_MODULES]
+    time the same linear layers (and LM head) take on the same inputs called back to back (from
+    C++ where the decoder stack runs the layers, else from Python, call overhead included)."""
+    model, inputs = runner.model, []
+    stack = model.stack
+    targets = ([m for layer in model.layers for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+               + [model.lm_head] if stack is not None  # what run_linears takes, in call order
+               else [m for m in model.modules() if type(m).__name__ in MATMUL_MODULES])
+    hooks = [m.register_forward_hook(lambda m, args, out: inputs.append((m, args[0]))) for m in targets]
     runner.run(list(range(100, 100 + prompt_len)), list(range(prompt_len)), [0] * prompt_len, [prompt_len - 1])
     inputs.clear()
-    runner.run([7], [prompt_len], [0], [0])  # one step's linear inputs, captured
+    model.stack = None  # the C++ decoder stack calls no module: no hook would fire
+    try:
+        runner.run([7], [prompt_len], [0], [0])  # one step's linear inputs, captured
+    finally:
+        model.stack = stack
     for hook in hooks:
         hook.remove()
     best_step = best_matmul = float("inf")
@@ -230,8 +238,12 @@ def framework_overhead_ms(runner, prompt_len: int = 32, steps: int = 32) -> dict
             runner.run([7], [prompt_len], [0], [0])
             best_step = min(best_step, time.perf_counter() - started)
             started = time.perf_counter()
-            for module, x in inputs:
-                module(x)
+            if stack is not None:
+                stack.run_linears([x for _, x in inputs[:-1]])
+                inputs[-1][0](inputs[-1][1])  # the LM head
+            else:
+                for module, x in inputs:
+                    module(x)
             best_matmul = min(best_matmul, time.perf_counter() - started)
     return {"step_ms": best_step * 1000, "matmul_ms": best_matmul * 1000,
             "overhead_ms": (best_step - best_matmul) * 1000}

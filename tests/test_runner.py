@@ -204,6 +204,52 @@ def test_quantized_runner_rows_are_exactly_batch_invariant(model_dir, config):
     assert alone == together == chunked
 
 
+@pytest.mark.skipif(not ops.kernels_available(), reason="the decoder stack runs on the compiled kernels")
+@pytest.mark.parametrize("config", [None, "woq-int8.yaml", "woq-int4.yaml", "smoothquant.yaml"])
+def test_the_decoder_stack_gives_the_python_loops_logits_bitwise(model_dir, config):
+    """The C++ stack calls the same ops on the same tensors as the Python layers: prefill and
+    decode logits of two slots must be equal to the bit, in every mode."""
+    raw = yaml.safe_load((ROOT / "configs" / config).read_text()) if config else {}
+    if config:
+        raw["quantization"]["backend"] = "native"
+    served, _ = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
+    attach_runner(served, "llama", slots=2, length=64, prefill_chunk=64)
+    model = served.model
+    assert model.stack is not None and model.stack.layers() == len(model.layers)
+    assert served.report["decoder_stack"] == "c++"
+
+    def run(runner: ModelRunner) -> list[torch.Tensor]:
+        prompt = list(range(300, 305))  # 5 tokens: prefill rows above the fp32 kernels' 8-row limit too
+        out = [runner.run(prompt * 2, list(range(5)) * 2, [0] * 5 + [1] * 5, [4, 9])]
+        for step in range(3):
+            out.append(runner.run([17 + step, 40 + step], [5 + step] * 2, [0, 1], [0, 1]))
+        return out
+
+    with_stack = run(ModelRunner(model, slots=2, length=64, prefill_chunk=64))
+    stack, model.stack = model.stack, None
+    try:
+        without = run(ModelRunner(model, slots=2, length=64, prefill_chunk=64))
+    finally:
+        model.stack = stack
+    assert all(torch.equal(a, b) for a, b in zip(with_stack, without))
+
+
+def test_the_decoder_stack_names_what_is_missing():
+    stack = torch.classes.cpu_llm.DecoderStack(4, 2, 0.125, 1e-5)
+    with pytest.raises(RuntimeError, match="heads .3. must be a positive multiple of kv_heads"):
+        torch.classes.cpu_llm.DecoderStack(3, 2, 0.125, 1e-5)
+    with pytest.raises(RuntimeError, match="add_layer first"):
+        stack.set_linear(0, ops.STACK_BLAS, [torch.zeros(4, 4)], None, 0, 0, 0.0, False)
+    stack.add_layer(torch.ones(4), torch.ones(4))
+    with pytest.raises(RuntimeError, match="kind 0 takes 2-2 tensors, got 1"):
+        stack.set_linear(0, ops.STACK_TILED, [torch.zeros(4, 4)], None, 8, 4, 0.0, False)
+    stack.set_linear(0, ops.STACK_BLAS, [torch.zeros(32, 4)], None, 0, 0, 0.0, False)
+    cache = torch.zeros(1, 1, 2, 8, 8)
+    with pytest.raises(RuntimeError, match="layer 0 has no o projection"):
+        stack.forward(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                      torch.zeros(8, 4), torch.zeros(8, 4), cache, cache)
+
+
 def test_requests_wait_for_a_free_slot(loaded, runner_served):
     """More requests than slots: the extra ones are prefilled as slots come back."""
     small = ModelRunner(runner_served.model, slots=2, length=256, prefill_chunk=64)

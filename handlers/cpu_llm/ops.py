@@ -9,6 +9,9 @@ it is what the kernels are tested against, and what serves only when a config op
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -101,6 +104,39 @@ if _kernels is not None:
     @torch.library.register_fake("cpu_llm::slot_attention")
     def _(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, scale):
         return qkv.new_empty(qkv.shape[0], heads * k_cache.shape[-1])
+
+
+# --- the decoder stack (kernels/csrc/decoder.cpp) ---------------------------------------------
+
+# Which op the stack calls for a projection; each layer module says which it calls (stack_linear).
+STACK_TILED, STACK_ROWS, STACK_WOQ_F32, STACK_F32, STACK_BLAS = range(5)
+
+
+@dataclass(frozen=True)
+class StackLinear:
+    """One projection as the decoder stack calls it: the op a layer's forward calls for 2-D float32
+    inputs of up to `max_rows` rows, with the same tensors (held, not copied)."""
+
+    kind: int
+    tensors: tuple[torch.Tensor, ...]
+    bias: torch.Tensor | None = None
+    bits: int = 0
+    n: int = 0
+    zero: float = 0.0
+    act_per_row: bool = False
+    max_rows: int = sys.maxsize
+
+
+def decoder_stack(heads: int, kv_heads: int, scale: float, eps: float,
+                  layers: list[tuple[torch.Tensor, torch.Tensor, list[StackLinear]]]):
+    """A torch.classes.cpu_llm.DecoderStack running `layers` (input norm, post-attention norm,
+    [qkv, o, gate_up, down]) in one call per forward."""
+    stack = torch.classes.cpu_llm.DecoderStack(heads, kv_heads, scale, eps)
+    for input_norm, post_norm, linears in layers:
+        stack.add_layer(input_norm, post_norm)
+        for which, lin in enumerate(linears):
+            stack.set_linear(which, lin.kind, list(lin.tensors), lin.bias, lin.bits, lin.n, lin.zero, lin.act_per_row)
+    return stack
 
 
 # --- reference twins -------------------------------------------------------------------------

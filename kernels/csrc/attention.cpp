@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "ops.h"
 
 namespace cpu_llm {
 namespace {
@@ -37,6 +38,8 @@ void check_index(const torch::Tensor& t, int64_t N, const char* name) {
               "slot_attention: ", name, " must be a contiguous int64 tensor of ", N, " values, got ", t.scalar_type(),
               " ", t.sizes());
 }
+
+}  // namespace
 
 torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
                              torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
@@ -104,7 +107,6 @@ torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor
   return out;
 }
 
-}  // namespace
 }  // namespace cpu_llm
 
 TORCH_LIBRARY_FRAGMENT(cpu_llm, m) {

@@ -14,6 +14,7 @@
 #include <cmath>
 
 #include "isa.h"
+#include "ops.h"
 
 namespace cpu_llm {
 namespace {
@@ -39,6 +40,8 @@ void normalize_row(const float* x, const float* w, int64_t H, double eps, float*
   const float inv = static_cast<float>(1.0 / std::sqrt(squares / H + eps));
   for (int64_t i = 0; i < H; ++i) out[i] = w[i] * (x[i] * inv);
 }
+
+}  // namespace
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   check_rows(x, "rms_norm", "x");
@@ -93,7 +96,6 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-}  // namespace
 }  // namespace cpu_llm
 
 TORCH_LIBRARY_FRAGMENT(cpu_llm, m) {

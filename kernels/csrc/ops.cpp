@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "ops.h"
 
 namespace cpu_llm {
 namespace {
@@ -112,6 +113,9 @@ QuantActs quantize_acts(const torch::Tensor& x, int64_t K, int64_t groups, bool 
   return QuantActs{xq.data(), xs.data(), xsum.data(), gsum.data(), M, K};
 }
 
+}  // namespace
+
+// The ops below are also called directly by the decoder stack (decoder.cpp, ops.h).
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
                       int64_t bits, double zero, bool act_per_row, c10::optional<torch::Tensor> bias) {
   const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "qlinear");
@@ -142,6 +146,8 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scal
   return finish(y, bias, "qlinear");
 }
 
+namespace {
+
 // Tile t of a tiled weight back in the row layout of QuantWeights (signed int8, or nibbles with
 // zero 8) with float32 scales, for hosts or tests running below AVX-512 VNNI.
 QuantWeights untile(const TiledWeights& w, int64_t t, std::vector<uint8_t>& rows, std::vector<float>& scales) {
@@ -166,6 +172,8 @@ QuantWeights untile(const TiledWeights& w, int64_t t, std::vector<uint8_t>& rows
   }
   return QuantWeights{rows.data(), scales.data(), false, nullptr, w.bits == 8 ? 0.f : 8.f, w.bits, w.groups, w.K};
 }
+
+}  // namespace
 
 // qlinear for a symmetric weight tiled by quant/tiling.py: tiles uint8 [ceil(N / 16), K x 16 or
 // K x 8 (4 bits)], scales float32/float16 [ceil(N / 16), groups, 16].
@@ -276,8 +284,6 @@ torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   return linear_f32_cat(x, {weight}, bias);
 }
-
-}  // namespace
 
 int active_isa() { return g_isa.load(); }
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import ops
 from ..quant import tiling
-from ..quant.quantized_linear import FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedLinear
+from ..quant.quantized_linear import FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedLinear, stack_linear_f32
 from ..quant.quantlib import PackedWeight
 
 
@@ -31,6 +31,15 @@ class Concat(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    def stack_linear(self) -> ops.StackLinear | None:
+        """Plain fp32 nn.Linear parts, all with a bias or none: one BLAS product each, as forward()
+        computes them, for the decoder stack (None for other parts)."""
+        parts = list(self.parts)
+        if not all(type(p) is torch.nn.Linear for p in parts) or len({p.bias is None for p in parts}) != 1:
+            return None
+        return stack_linear_f32([p.weight for p in parts], _cat_bias(parts, [p.weight.shape[0] for p in parts]),
+                                use_kernel=False)
 
 
 class FullPrecisionGroup(Concat):
@@ -46,6 +55,10 @@ class FullPrecisionGroup(Concat):
         if x.dim() == 2 and x.shape[0] <= FP32_KERNEL_MAX_ROWS and x.dtype == torch.float32 and x.is_contiguous():
             return ops.linear_f32_cat(x, self.weights, self.bias)
         return super().forward(x)
+
+    def stack_linear(self) -> ops.StackLinear | None:
+        """The op forward() calls for 2-D float32 decode rows, for the decoder stack."""
+        return stack_linear_f32(self.weights, self.bias, use_kernel=True)
 
 
 def _cat_bias(parts: list[torch.nn.Module], rows: list[int]) -> torch.Tensor | None:

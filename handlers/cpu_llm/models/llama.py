@@ -8,6 +8,12 @@ cache write and attention over the request's own slot: ops.slot_attention), o_pr
 gate/up projection with SiLU x up, and down_proj. Tokens of all requests are flattened into one (N, hidden)
 batch, with no padding; logits are computed for the positions that need a next token only.
 
+With the compiled kernels, every layer runs in one call (`ops.decoder_stack`, a C++ loop over
+the same ops on the same tensors, so bitwise the same result) for inputs of up to `stack_rows`
+tokens: the ~240 op calls of a SmolLM2 decode step no longer each pay Python's and the
+dispatcher's microseconds. Longer inputs (prefill chunks), and layers of a kind it does not know,
+take the Python loop.
+
 `from_hf` moves the weights out of the Hugging Face model (fusing q/k/v and gate/up by
 concatenating rows, see layers/fuse.py), so no weight is ever held twice.
 """
@@ -22,6 +28,7 @@ from .. import ops
 from ..layers.attention import RotaryTable, SlotKVCache, attention
 from ..layers.fuse import fuse_linears
 from ..loader import release_freed_memory
+from ..quant.quantized_linear import stack_linear_f32
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Rotary variants whose angles depend on the sequence length: a fixed table cannot serve them.
@@ -83,6 +90,30 @@ class DecoderLayer(torch.nn.Module):
         return self.down_proj(ops.silu_mul(self.gate_up_proj(h)))  # gate_up: (N, 2 intermediate)
 
 
+def stack_linear(module: torch.nn.Module) -> ops.StackLinear | None:
+    """How the decoder stack calls `module` (None: it cannot)."""
+    if hasattr(module, "stack_linear"):
+        return module.stack_linear()
+    if type(module) is torch.nn.Linear:  # F.linear: the BLAS
+        return stack_linear_f32([module.weight], module.bias, use_kernel=False)
+    return None
+
+
+def build_stack(layers: list[DecoderLayer], shape: Shape):
+    """(the decoder stack running `layers`, the most tokens it serves), or (None, 0) when the
+    kernels are missing or a projection is of a kind the stack does not call."""
+    if not ops.kernels_available():
+        return None, 0
+    specs = []
+    for layer in layers:
+        linears = [stack_linear(m) for m in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj)]
+        if any(lin is None for lin in linears):
+            return None, 0
+        specs.append((layer.input_norm, layer.post_attention_norm, linears))
+    rows = min(lin.max_rows for _, _, linears in specs for lin in linears)
+    return ops.decoder_stack(shape.heads, shape.kv_heads, shape.scale, shape.eps, specs), rows
+
+
 class LlamaModel(torch.nn.Module):
     """Embedding, decoder layers, final norm and LM head over flattened tokens."""
 
@@ -104,13 +135,17 @@ class LlamaModel(torch.nn.Module):
         self.lm_head = hf_model.lm_head
         self.inv_freq = base.rotary_emb.inv_freq.detach().float()
         self.rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
+        self.stack, self.stack_rows = build_stack(list(self.layers), self.shape)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                 rotary: RotaryTable, cache: SlotKVCache) -> torch.Tensor:
         """tokens, positions, slots (N,); last (B,) the rows of N that need logits -> (B, vocab) float32."""
         x = self.embed_tokens(tokens).float().contiguous()  # (N, hidden), the residual stream
-        delta = None
-        for index, layer in enumerate(self.layers):
-            delta = layer(x, delta, index, self.shape, rotary, positions, slots, cache)
+        if self.stack is not None and tokens.shape[0] <= self.stack_rows:
+            delta = self.stack.forward(x, positions, slots, rotary.cos, rotary.sin, cache.keys, cache.values)
+        else:
+            delta = None
+            for index, layer in enumerate(self.layers):
+                delta = layer(x, delta, index, self.shape, rotary, positions, slots, cache)
         x = ops.add_rms_norm_(x[last], delta[last], self.norm, self.shape.eps)  # (B, hidden)
         return self.lm_head(x).float()  # (B, vocab)

@@ -115,6 +115,20 @@ class QuantizedLinear(torch.nn.Module):
             y = F.linear(x2, ops.dequantize_shared(self.packed, self.use_kernel), self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def stack_linear(self) -> ops.StackLinear | None:
+        """The op forward() calls for 2-D float32 rows, for the decoder stack (None: no kernel)."""
+        weights = (self.qweight, self.scales) + (() if self.offsets is None else (self.offsets,))
+        if self.tiled:
+            return ops.StackLinear(ops.STACK_TILED, weights, self.bias, self.bits, self.out_features,
+                                   act_per_row=self.kind == "w8a8")
+        if self.integer_kernel:
+            return ops.StackLinear(ops.STACK_ROWS, weights, self.bias, self.bits, zero=self.zero,
+                                   act_per_row=self.kind == "w8a8")
+        if self.use_kernel:
+            return ops.StackLinear(ops.STACK_WOQ_F32, weights, self.bias, self.bits, zero=self.zero,
+                                   max_rows=KERNEL_MAX_ROWS)
+        return None
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
                 f"bits={self.bits}, {self.spec.scheme} per {self.spec.granularity}"
@@ -165,6 +179,20 @@ class FullPrecisionLinear(torch.nn.Module):
             y = ops.linear_f32(x.reshape(rows, -1).contiguous(), self.weight, self.bias)
             return y.reshape(*x.shape[:-1], self.weight.shape[0])
         return F.linear(x, self.weight, self.bias)
+
+    def stack_linear(self) -> ops.StackLinear | None:
+        """The op forward() calls for 2-D float32 rows, for the decoder stack."""
+        return stack_linear_f32([self.weight], self.bias, self.use_kernel)
+
+
+def stack_linear_f32(weights: list[torch.Tensor], bias: torch.Tensor | None, use_kernel: bool) -> ops.StackLinear | None:
+    """fp32 weights (side by side) as the decoder stack calls them: our matrix-vector kernel for
+    decode rows where `use_kernel`, else the BLAS, one product per weight; None for other dtypes."""
+    if any(w.dtype != torch.float32 for w in weights):
+        return None
+    if use_kernel:
+        return ops.StackLinear(ops.STACK_F32, tuple(weights), bias, max_rows=FP32_KERNEL_MAX_ROWS)
+    return ops.StackLinear(ops.STACK_BLAS, tuple(weights), bias)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

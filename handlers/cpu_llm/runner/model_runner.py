@@ -74,8 +74,12 @@ def attach_runner(served: "ServedModel", wanted: str, slots: int, length: int, p
         raise ConfigError("batchSize", f"the KV cache for batchSize {slots} x {length} tokens "
                           f"(handler.max_prompt_tokens + handler.max_new_tokens) needs {need / 2**20:.0f} MiB, more "
                           f"than half of the {available / 2**20:.0f} MiB available; lower one of them")
-    logger.info("model runner: llama (%d layers; q/k/v and gate/up fused where quantized); KV cache %d slots x %d "
-                "tokens = %.0f MiB (committed as used)", layers, slots, length, need / 2**20)
     served.model = LlamaModel(model)
     served.runner = ModelRunner(served.model, slots, length, prefill_chunk)
     served.report["runner"] = "llama"
+    rows = served.model.stack_rows
+    served.report["decoder_stack"] = "python" if served.model.stack is None else "c++"
+    driven = ("from Python (a projection the C++ stack does not call)" if served.model.stack is None
+              else "from C++" + ("" if rows >= length else f" up to {rows} tokens per step"))
+    logger.info("model runner: llama (%d layers; q/k/v and gate/up fused where quantized; layers run %s); KV cache "
+                "%d slots x %d tokens = %.0f MiB (committed as used)", layers, driven, slots, length, need / 2**20)
