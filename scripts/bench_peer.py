@@ -136,6 +136,12 @@ def overhead(r: dict) -> str:
     return f"{r['step_ms']:.1f} ({r['overhead_ms']:.2f})" if "step_ms" in r else "hf path"
 
 
+def peak_at_load(r: dict) -> str:
+    """Peak RSS at load, marked where the fp32 model was held (a first SmoothQuant calibration)."""
+    held = r["report"].get("quantized_while_loading") is False
+    return f"{r['peak_rss_load_mib']}{' (fp32 held: calibrating)' if held else ''}"
+
+
 def table(model: Path, rows: list[tuple[str, str, dict, float, float]], bandwidth: float) -> str:
     lines = [f"### {model.name}",
              "",
@@ -147,7 +153,7 @@ def table(model: Path, rows: list[tuple[str, str, dict, float, float]], bandwidt
         gb = r["step_bytes"] * b1 / 1e9
         lines.append(f"| {Path(config).stem} | {b1:.1f} | {fmt} | {peer:.1f} | **{b1 / peer:.2f}x** | "
                      f"{gb:.1f} ({100 * gb / bandwidth:.0f} %) | {peer_bytes * peer / 1e9:.1f} | "
-                     f"{b8:.1f} ({b8 / b1:.1f}x) | {overhead(r)} | {r['peak_rss_load_mib']} | "
+                     f"{b8:.1f} ({b8 / b1:.1f}x) | {overhead(r)} | {peak_at_load(r)} | "
                      f"{r['serving_rss_mib']} |")
     return "\n".join(lines)
 

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 ROWS_PER_SLICE = 1024  # rows quantized at a time: a few MB of fp32 in flight
 # (name, quantize(spec) -> the weight packed, bias) -> the layer that serves it
 LinearConverter = Callable[[str, Callable[[QuantSpec], PackedWeight], torch.Tensor | None], torch.nn.Module]
+# (checkpoint key, rows read, first row) -> the value to load instead
+Transform = Callable[[str, torch.Tensor, int], torch.Tensor]
 
 
 try:
@@ -136,11 +138,15 @@ def quantize_in_slices(read_rows: Callable[[int, int], torch.Tensor], n: int, sp
 
 def load_quantized(source: str, converter_for: Callable[[str | None], LinearConverter], head_spec: QuantSpec,
                    head_layer: Callable[[PackedWeight, torch.Tensor | None], torch.nn.Module],
-                   kept: tuple[str, ...]) -> torch.nn.Module | None:
+                   kept: tuple[str, ...],
+                   transform_for: Callable[[torch.nn.Module, Checkpoint], Transform | None] | None = None
+                   ) -> torch.nn.Module | None:
     """The model at `source` with every linear layer from `converter_for(name of the LM head)`
     (those named in `kept` stay fp32), the input embedding quantized with `head_spec` (one
     scale per row), and a tied LM head served by `head_layer` over the embedding's own int8
-    rows. None if the checkpoint cannot be streamed."""
+    rows. `transform_for(model on meta, checkpoint)` may give every tensor read a new value
+    (SmoothQuant's smoothing). None if the checkpoint cannot be streamed or the transform
+    cannot be made."""
     folder = Path(source)
     if not folder.is_dir():
         return None
@@ -160,6 +166,9 @@ def load_quantized(source: str, converter_for: Callable[[str | None], LinearConv
     if missing:
         logger.info("streaming load not possible (%d tensors not in the checkpoint, e.g. %s): loading fp32 first",
                     len(missing), missing[0])
+        return None
+    transform = (lambda key, rows, start: rows) if transform_for is None else transform_for(model, checkpoint)
+    if transform is None:
         return None
 
     with torch.no_grad():
@@ -188,16 +197,16 @@ def load_quantized(source: str, converter_for: Callable[[str | None], LinearConv
                 continue
             conv1d = linear is not module  # GPT-2 stores the weight transposed
             key = f"{name}.weight"
-            bias = checkpoint.tensor(f"{name}.bias") if f"{name}.bias" in names else None
+            bias = transform(f"{name}.bias", checkpoint.tensor(f"{name}.bias"), 0) if f"{name}.bias" in names else None
             if name in kept:
                 full = torch.nn.Linear(*checkpoint.shape(key, conv1d)[::-1], bias=bias is not None)
-                full.weight.copy_(checkpoint.rows(key, 0, checkpoint.shape(key, conv1d)[0], conv1d))
+                full.weight.copy_(transform(key, checkpoint.rows(key, 0, checkpoint.shape(key, conv1d)[0], conv1d), 0))
                 if bias is not None:
                     full.bias.copy_(bias)
                 set_module(model, name, FullPrecisionLinear(full))
             else:
                 n = checkpoint.shape(key, conv1d)[0]
-                read = lambda a, b, key=key, conv1d=conv1d: checkpoint.rows(key, a, b, conv1d)  # noqa: E731
+                read = lambda a, b, key=key, conv1d=conv1d: transform(key, checkpoint.rows(key, a, b, conv1d), a)  # noqa: E731
                 pack = lambda spec, read=read, n=n: quantize_in_slices(read, n, spec)  # noqa: E731
                 set_module(model, name, convert(name, pack, bias))
             done |= {key, f"{name}.bias"}
@@ -207,7 +216,7 @@ def load_quantized(source: str, converter_for: Callable[[str | None], LinearConv
             if param.device.type == "meta":
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), attr,
-                        torch.nn.Parameter(checkpoint.tensor(name), requires_grad=False))
+                        torch.nn.Parameter(transform(name, checkpoint.tensor(name), 0), requires_grad=False))
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(source)
     return model.eval()

@@ -24,7 +24,7 @@ from . import native_smoothquant as smoothquant
 from .. import ops
 from .calibration import CalibrationBatch, alpha_candidates
 from ..errors import ConfigError, QuantizationError
-from ..loader import LinearConverter
+from ..loader import Checkpoint, LinearConverter, Transform
 from .quant_config import SECTION, QuantizationConfig, WoqConfig
 from .quantized_linear import (FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
                                replace_linears, set_module)
@@ -131,17 +131,28 @@ def quantize_model(model: torch.nn.Module, q: QuantizationConfig) -> None:
         name, lambda spec: kernel_weights(quantize(linear.weight, spec)), linear.bias))
 
 
+def read_calibration(path: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """A saved SmoothQuant calibration (activation maxima, alpha); a ConfigError if it is not one."""
+    logger.info("SmoothQuant: reusing calibration %s", path)
+    try:
+        return smoothquant.load_calibration(path)
+    except ValueError as error:
+        raise ConfigError(f"{SECTION}.smoothquant.qconfig_summary_file", str(error)) from None
+
+
+def smoothing_while_loading(path: Path) -> Callable[[torch.nn.Module, Checkpoint], Transform | None]:
+    """The streaming loader's transform for the calibration at `path` (see native_smoothquant)."""
+    act_max, alpha = read_calibration(path)
+    return lambda model, checkpoint: smoothquant.smoothing_while_loading(model, checkpoint, act_max, alpha)
+
+
 def optimize(model: torch.nn.Module, q: QuantizationConfig,
              calibration: Callable[[], list[CalibrationBatch]], summary_path: Path | None) -> torch.nn.Module:
     """Quantize `model` in place as `q` asks (keep_full_precision is applied by the caller)."""
     logger.info("native backend kernels: %s", ops.kernel_status())
     if q.method == "smoothquant":
         if summary_path.is_file():
-            logger.info("SmoothQuant: reusing calibration %s", summary_path)
-            try:
-                act_max, alpha = smoothquant.load_calibration(summary_path)
-            except ValueError as error:
-                raise ConfigError(f"{SECTION}.smoothquant.qconfig_summary_file", str(error)) from None
+            act_max, alpha = read_calibration(summary_path)
         else:
             sq = q.smoothquant
             alphas = alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)

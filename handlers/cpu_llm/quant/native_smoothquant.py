@@ -9,7 +9,11 @@ weight in front of q/k/v and of gate/up, and the rows of up_proj in front of dow
 attention and is quantized unsmoothed.
 
 The calibration result (per-channel activation maxima and the alpha chosen) is a JSON file,
-cached like IPEX's qconfig summary, so a restart does not calibrate again.
+cached like IPEX's qconfig summary, so a restart does not calibrate again. With it, the model is
+smoothed while it streams from the checkpoint (`smoothing_while_loading`): every factor depends
+only on the activation maxima and the original weights, and each tensor read gets the value
+`apply_smoothing` would give it, so no fp32 model is ever held. Only calibrating itself runs
+the fp32 model.
 """
 
 from __future__ import annotations
@@ -18,17 +22,23 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .calibration import CalibrationBatch, calibration_loss
 from ..errors import QuantizationError
 
+if TYPE_CHECKING:
+    from ..loader import Checkpoint, Transform
+
 logger = logging.getLogger(__name__)
 FORMAT = "cpu-llm-native-smoothquant/1"
 # Smoothing must not change the fp32 model's output beyond float rounding.
 FOLD_TOLERANCE = 1e-3
+# Norms computing weight * normalized(x), so that dividing the weight divides the output: where
+# smoothing is folded while loading, without the fp32 model to check it on (check_smoothing_is_exact).
+FOLDABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 def smoothing_groups(model: torch.nn.Module) -> list[tuple[str, list[str]]]:
@@ -84,9 +94,51 @@ def collect_activation_maxima(model: torch.nn.Module, batches: list[CalibrationB
 
 def smoothing_factors(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), over all weights reading channel j."""
-    w_max = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0).float()
-    s = act_max.clamp(min=1e-5).pow(alpha) / w_max.clamp(min=1e-5).pow(1 - alpha)
+    return factors_from_maxima(act_max, torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0), alpha)
+
+
+def factors_from_maxima(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = act_max.clamp(min=1e-5).pow(alpha) / w_max.float().clamp(min=1e-5).pow(1 - alpha)
     return s.clamp(min=1e-5)
+
+
+def smoothing_while_loading(model: torch.nn.Module, checkpoint: "Checkpoint", act_max: dict[str, torch.Tensor],
+                            alpha: float, rows_per_read: int = 1024) -> "Transform | None":
+    """For `model` built on the meta device and its `checkpoint`: the transform giving each
+    tensor read the value apply_smoothing gives it (targets' columns x s, up_proj's rows and a
+    norm's weight / s, in that order). None where the norms are not known to fold. Reads the
+    targets once beforehand, `rows_per_read` rows at a time, for their column maxima."""
+    groups = smoothing_groups(model)
+    norms = {type(model.get_submodule(source)).__name__ for source, targets in groups if "norm" in source}
+    if not norms <= set(FOLDABLE_NORMS):
+        logger.info("SmoothQuant: %s may not fold the smoothing factors; smoothing the fp32 model", sorted(norms))
+        return None
+    columns: dict[str, torch.Tensor] = {}  # weight key -> s its columns are multiplied by
+    divided: dict[str, torch.Tensor] = {}  # norm weight, up_proj weight rows and bias -> s they are divided by
+    for source, targets in groups:
+        if source not in act_max:
+            raise QuantizationError(f"the SmoothQuant calibration has no activation maxima for {source}: "
+                                    "it was made for another model")
+        w_max = None
+        for target in targets:
+            key = f"{target}.weight"
+            n = checkpoint.shape(key)[0]
+            for start in range(0, n, rows_per_read):
+                part = checkpoint.rows(key, start, min(n, start + rows_per_read)).abs().amax(0)
+                w_max = part if w_max is None else torch.maximum(w_max, part)
+        s = factors_from_maxima(act_max[source], w_max, alpha)
+        columns.update({f"{target}.weight": s for target in targets})
+        divided.update({f"{source}.weight": s, f"{source}.bias": s})
+
+    def transform(key: str, rows: torch.Tensor, start: int) -> torch.Tensor:
+        if key in columns:
+            rows = rows * columns[key][None, :]
+        if key in divided:
+            s = divided[key][start:start + rows.shape[0]]
+            rows = rows / (s[:, None] if rows.dim() == 2 else s)
+        return rows
+
+    return transform
 
 
 @torch.inference_mode()
@@ -144,7 +196,7 @@ def load_calibration(path: Path) -> tuple[dict[str, torch.Tensor], float]:
 def calibrate(model: torch.nn.Module, batches: list[CalibrationBatch], alphas: list[float],
               quantize: Callable[[torch.nn.Module], None], path: Path) -> tuple[dict[str, torch.Tensor], float]:
     """Collect activation maxima; with several alphas keep the one whose quantized model has
-    the lowest loss on the calibration set. Saves the result to `path`."""
+    the lowest loss on the calibration set. Saves the result to `path` and returns it as saved."""
     act_max = collect_activation_maxima(model, batches)
     best: tuple[float, float] | None = None
     for alpha in alphas:
@@ -159,7 +211,6 @@ def calibrate(model: torch.nn.Module, batches: list[CalibrationBatch], alphas: l
         logger.info("SmoothQuant alpha=%.2f: calibration loss %.4f", alpha, loss)
         if best is None or loss < best[0]:
             best = (loss, alpha)
-    alpha = best[1]
-    save_calibration(path, act_max, alpha)
-    logger.info("SmoothQuant: calibrated with alpha=%.2f on %d samples -> %s", alpha, len(batches), path)
-    return act_max, alpha
+    save_calibration(path, act_max, best[1])
+    logger.info("SmoothQuant: calibrated with alpha=%.2f on %d samples -> %s", best[1], len(batches), path)
+    return load_calibration(path)  # as saved (rounded): this load serves what every later one will

@@ -180,7 +180,13 @@ def load_for_serving(source: str, q: QuantizationConfig, model_dir: str,
                      continuous_batching: bool = False) -> tuple[ServedModel, TokenizerInfo]:
     """Load the model at `source` and make it the model we serve, as `q` asks."""
     backend = resolve_backend(q, continuous_batching)
-    if backend == "native" and q.method == "woq":
+    summary = None
+    if backend == "native" and q.method == "smoothquant":
+        summary = smoothquant_summary_path(q, backend, source, model_dir,
+                                           Path(model_dir) / q.smoothquant.calibration_data)
+    # WoQ, and SmoothQuant once calibrated, quantize while reading the checkpoint; calibrating
+    # runs the fp32 model, so a first SmoothQuant load holds it (later ones find the calibration).
+    if backend == "native" and (q.method == "woq" or (summary is not None and summary.is_file())):
         from .. import loader
         from . import native_backend
 
@@ -188,7 +194,8 @@ def load_for_serving(source: str, q: QuantizationConfig, model_dir: str,
         rss_before, started = process.memory_info().rss, time.perf_counter()
         info = load_tokenizer_info(source)
         model = loader.load_quantized(source, lambda head: native_backend.linear_converter(q, head),
-                                      native_backend.HEAD_SPEC, native_backend.head_layer(q), q.keep_full_precision)
+                                      native_backend.HEAD_SPEC, native_backend.head_layer(q), q.keep_full_precision,
+                                      None if summary is None else native_backend.smoothing_while_loading(summary))
         if model is not None:
             logger.info("native backend kernels: %s; quantized while loading from %s", kernel_status(), source)
             return _served(model, q, backend, rss_before, started, streamed=True), info
