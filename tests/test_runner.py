@@ -210,8 +210,7 @@ def test_the_decoder_stack_gives_the_python_loops_logits_bitwise(model_dir, conf
     """The C++ stack calls the same ops on the same tensors as the Python layers: prefill and
     decode logits of two slots must be equal to the bit, in every mode."""
     raw = yaml.safe_load((ROOT / "configs" / config).read_text()) if config else {}
-    if config:
-        raw["quantization"]["backend"] = "native"
+    raw.setdefault("quantization", {})["backend"] = "native"  # auto picks IPEX in the ipex stack
     served, _ = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
     attach_runner(served, "llama", slots=2, length=64, prefill_chunk=64)
     model = served.model

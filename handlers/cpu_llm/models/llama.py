@@ -99,7 +99,7 @@ def stack_linear(module: torch.nn.Module) -> ops.StackLinear | None:
     return None
 
 
-def build_stack(layers: list[DecoderLayer], shape: Shape):
+def build_stack(layers: list[DecoderLayer], shape: Shape) -> tuple[torch.ScriptObject | None, int]:
     """(the decoder stack running `layers`, the most tokens it serves), or (None, 0) when the
     kernels are missing or a projection is of a kind the stack does not call."""
     if not ops.kernels_available():
