@@ -54,14 +54,13 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return (sum(p.memory_info().rss for p in workers) / 2**20, frontend.memory_info().rss / 2**20)
 
 
-def live_heap_mib(pid: int) -> float:
+def live_heap_mib(jcmd: str, pid: int) -> float:
     """The frontend's live Java heap in MiB: the heap's used bytes right after a full collection
     (`jcmd GC.run`, then `GC.heap_info`).
 
     This, not the frontend's RSS, is where a leak in the JVM shows within minutes: G1 keeps
     touching more of its committed heap as it cycles through eden regions, so the RSS climbs in
     steps and then stays flat (a CI soak saw 205 -> 222 MiB between 50 and 70 s, then no change)."""
-    jcmd = shutil.which("jcmd")
     subprocess.run([jcmd, str(pid), "GC.run"], check=True, capture_output=True, timeout=60)
     info = subprocess.run([jcmd, str(pid), "GC.heap_info"], check=True, capture_output=True, text=True,
                           timeout=60).stdout
@@ -98,7 +97,7 @@ def judge(rows: list[dict], warmup: float, max_rss: float, max_drift: float) -> 
     return problems
 
 
-def soak(url: str, args) -> list[dict]:
+def soak(url: str, jcmd: str, args) -> list[dict]:
     clients = StreamClients(url, args.streams, hang_up_share=args.disconnect_share, seed=args.seed).start()
     rows, started, pid = [], time.monotonic(), frontend_pid()
     window_start = started
@@ -120,7 +119,7 @@ def soak(url: str, args) -> list[dict]:
                    "ttft_p50_ms": quantile(ttft, 50), "ttft_p95_ms": quantile(ttft, 95),
                    "itl_p50_ms": quantile(itl, 50), "itl_p95_ms": quantile(itl, 95),
                    "workers_rss_mib": round(workers, 1), "frontend_rss_mib": round(frontend, 1),
-                   "frontend_heap_mib": round(live_heap_mib(pid), 1)}
+                   "frontend_heap_mib": round(live_heap_mib(jcmd, pid), 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             if now - started >= args.duration:
@@ -158,7 +157,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "soak")
     args = parser.parse_args()
-    if shutil.which("jcmd") is None:
+    jcmd = shutil.which("jcmd")
+    if jcmd is None:
         sys.exit("soak: jcmd (part of a JDK, e.g. openjdk-17-jdk-headless) is needed to measure the frontend's live heap")
     raw = yaml.safe_load(args.config.read_text())
     if not raw.get("continuousBatching"):
@@ -167,7 +167,7 @@ def main() -> None:
     # A KV cache sized to the soak's requests (prompts <= 300 words, <= 128 new tokens).
     raw.setdefault("handler", {}).update(max_prompt_tokens=512, max_new_tokens=128)
     with served(raw, "soak", args.model_dir, PORTS) as urls:
-        rows = soak(f"{urls['inference']}/predictions/soak", args)
+        rows = soak(f"{urls['inference']}/predictions/soak", jcmd, args)
     problems = judge(rows, args.warmup, args.max_rss_growth, args.max_latency_drift)
     text = report(rows, problems, args)
     args.out.mkdir(parents=True, exist_ok=True)

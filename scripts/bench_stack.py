@@ -12,6 +12,7 @@ minimum and the median of each. Both paths compute bitwise the same logits
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -31,19 +32,15 @@ CONFIGS = ["model-config.yaml", "woq-int8.yaml", "woq-int4.yaml", "smoothquant.y
 
 def step_times(runner, steps: int, prompt_len: int = 32) -> dict[bool, list[float]]:
     """Seconds per decode step at position `prompt_len`, with (True) and without the stack."""
-    model, stack = runner.model, runner.model.stack
     runner.run(list(range(100, 100 + prompt_len)), list(range(prompt_len)), [0] * prompt_len, [prompt_len - 1])
     times: dict[bool, list[float]] = {True: [], False: []}
-    try:
-        with torch.inference_mode():
-            for _ in range(steps):
-                for use in (True, False):
-                    model.stack = stack if use else None
+    with torch.inference_mode():
+        for _ in range(steps):
+            for use in (True, False):
+                with contextlib.nullcontext() if use else runner.model.python_loop():
                     started = time.perf_counter()
                     runner.run([7], [prompt_len], [0], [0])
                     times[use].append(time.perf_counter() - started)
-    finally:
-        model.stack = stack
     return times
 
 

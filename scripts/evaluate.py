@@ -224,11 +224,8 @@ def framework_overhead_ms(runner, prompt_len: int = 32, steps: int = 32) -> dict
     hooks = [m.register_forward_hook(lambda m, args, out: inputs.append((m, args[0]))) for m in targets]
     runner.run(list(range(100, 100 + prompt_len)), list(range(prompt_len)), [0] * prompt_len, [prompt_len - 1])
     inputs.clear()
-    model.stack = None  # the C++ decoder stack calls no module: no hook would fire
-    try:
+    with model.python_loop():  # the C++ decoder stack calls no module: no hook would fire
         runner.run([7], [prompt_len], [0], [0])  # one step's linear inputs, captured
-    finally:
-        model.stack = stack
     for hook in hooks:
         hook.remove()
     best_step = best_matmul = float("inf")

@@ -225,11 +225,8 @@ def test_the_decoder_stack_gives_the_python_loops_logits_bitwise(model_dir, conf
         return out
 
     with_stack = run(ModelRunner(model, slots=2, length=64, prefill_chunk=64))
-    stack, model.stack = model.stack, None
-    try:
+    with model.python_loop():
         without = run(ModelRunner(model, slots=2, length=64, prefill_chunk=64))
-    finally:
-        model.stack = stack
     assert all(torch.equal(a, b) for a, b in zip(with_stack, without))
 
 

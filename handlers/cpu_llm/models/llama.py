@@ -20,7 +20,9 @@ concatenating rows, see layers/fuse.py), so no weight is ever held twice.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -136,6 +138,16 @@ class LlamaModel(torch.nn.Module):
         self.inv_freq = base.rotary_emb.inv_freq.detach().float()
         self.rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
         self.stack, self.stack_rows = build_stack(list(self.layers), self.shape)
+
+    @contextmanager
+    def python_loop(self) -> Iterator[None]:
+        """Run the layers from Python inside (benchmarks and tests compare it with the stack;
+        module hooks only fire here)."""
+        stack, self.stack = self.stack, None
+        try:
+            yield
+        finally:
+            self.stack = stack
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                 rotary: RotaryTable, cache: SlotKVCache) -> torch.Tensor:

@@ -109,7 +109,8 @@ def smoothing_while_loading(model: torch.nn.Module, checkpoint: "Checkpoint", ac
     norm's weight / s, in that order). None where the norms are not known to fold. Reads the
     targets once beforehand, `rows_per_read` rows at a time, for their column maxima."""
     groups = smoothing_groups(model)
-    norms = {type(model.get_submodule(source)).__name__ for source, targets in groups if "norm" in source}
+    producers = [model.get_submodule(source) for source, _ in groups]
+    norms = {type(p).__name__ for p in producers if not isinstance(p, torch.nn.Linear)}  # as apply_smoothing tells
     if not norms <= set(FOLDABLE_NORMS):
         logger.info("SmoothQuant: %s may not fold the smoothing factors; smoothing the fp32 model", sorted(norms))
         return None
