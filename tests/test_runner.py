@@ -216,6 +216,8 @@ def test_the_decoder_stack_gives_the_python_loops_logits_bitwise(model_dir, conf
     model = served.model
     assert model.stack is not None and model.stack.layers() == len(model.layers)
     assert served.report["decoder_stack"] == "c++"
+    if config:  # quantized weights are ours, in the huge-page arena (fp32 ones stay memory-mapped)
+        assert served.report["weights_arena"]["packed_mib"] > 0
 
     def run(runner: ModelRunner) -> list[torch.Tensor]:
         prompt = list(range(300, 305))  # 5 tokens: prefill rows above the fp32 kernels' 8-row limit too

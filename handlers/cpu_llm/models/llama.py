@@ -14,8 +14,9 @@ tokens: the ~240 op calls of a SmolLM2 decode step no longer each pay Python's a
 dispatcher's microseconds. Longer inputs (prefill chunks), and layers of a kind it does not know,
 take the Python loop.
 
-`from_hf` moves the weights out of the Hugging Face model (fusing q/k/v and gate/up by
-concatenating rows, see layers/fuse.py), so no weight is ever held twice.
+The weights are moved out of the Hugging Face model (fusing q/k/v and gate/up by concatenating
+rows, see layers/fuse.py), so no weight is ever held twice, then into one arena on 2 MiB pages
+in the order a step reads them (weight_arena.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..layers.attention import RotaryTable, SlotKVCache, attention
 from ..layers.fuse import fuse_linears
 from ..loader import release_freed_memory
 from ..quant.quantized_linear import stack_linear_f32
+from .weight_arena import pack_weights
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Rotary variants whose angles depend on the sequence length: a fixed table cannot serve them.
@@ -137,6 +139,7 @@ class LlamaModel(torch.nn.Module):
         self.lm_head = hf_model.lm_head
         self.inv_freq = base.rotary_emb.inv_freq.detach().float()
         self.rope_scaling = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
+        self.arena = pack_weights(self)  # before the stack takes its tensors: they move in place anyway
         self.stack, self.stack_rows = build_stack(list(self.layers), self.shape)
 
     @contextmanager

@@ -79,6 +79,7 @@ def attach_runner(served: "ServedModel", wanted: str, slots: int, length: int, p
     served.report["runner"] = "llama"
     rows = served.model.stack_rows
     served.report["decoder_stack"] = "python" if served.model.stack is None else "c++"
+    served.report["weights_arena"] = served.model.arena.as_report()
     driven = ("from Python (a projection the C++ stack does not call)" if served.model.stack is None
               else "from C++" + ("" if rows >= length else f" up to {rows} tokens per step"))
     logger.info("model runner: llama (%d layers; q/k/v and gate/up fused where quantized; layers run %s); KV cache "
