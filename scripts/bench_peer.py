@@ -6,7 +6,10 @@
 For each model folder: llama.cpp's `llama-bench` decodes 64 tokens on GGUF F32 / Q8_0 / Q4_0
 made from the same safetensors, and our served path (load_for_serving, the server's own
 prefill/decode functions) decodes 64 tokens after a 32-token prompt in fp32, WoQ INT8, WoQ INT4
-and SmoothQuant, each in a fresh process. Printed side by side: tokens/s at batch 1 with the
+and SmoothQuant, each in a fresh process. The two alternate: in each of --rounds rounds (3)
+llama-bench runs once, then ours, so each pair sees the same machine (a shared host's speed
+drifts by tens of percent within minutes); the ratio printed is the median of the rounds'
+ratios, with their range. Printed side by side: tokens/s at batch 1 (medians) with the
 ratio to the llama.cpp counterpart (fp32 vs F32, INT8 and SmoothQuant vs Q8_0, INT4 vs Q4_0),
 batch 8 aggregate and its ratio to batch 1, the weights' read bandwidth achieved as a share of
 the machine's bandwidth measured in the same run, peak RSS while loading and quantizing, and
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,9 +73,9 @@ def prepare_peer(work: Path, models: list[Path], peer: Path = PEER) -> dict[Path
 
 
 def llama_bench(work: Path, gguf: Path, threads: int) -> float:
-    """llama.cpp's decode tokens/s (tg64, mean of 3 repetitions)."""
+    """llama.cpp's decode tokens/s (tg64, one repetition after its warm-up)."""
     out = run([str(work / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", "64",
-               "-r", "3", "-o", "json"])
+               "-r", "1", "-o", "json"])
     return float(json.loads(out)[0]["avg_ts"])
 
 
@@ -103,8 +107,10 @@ def accuracy_table(work: Path, model: Path, prefix: Path, threads: int) -> str:
     return "\n".join(lines)
 
 
-def ours(config_path: Path, model_dir: Path, threads: int) -> dict:
-    """One mode in this process: load as the server does, then decode at batch 1 and 8."""
+def ours(config_path: Path, model_dir: Path, threads: int, work: Path, gguf: Path, rounds: int) -> dict:
+    """One mode in this process: load as the server does, then `rounds` times llama-bench on
+    `gguf` followed by our batch-1 decode (paired: each pair sees the same machine, on a host
+    whose speed drifts by tens of percent within minutes), then batch 8 and the overhead."""
     raw = yaml.safe_load(config_path.read_text())
     raw.setdefault("quantization", {})["backend"] = "native"
     raw["handler"]["num_threads"] = threads
@@ -116,18 +122,25 @@ def ours(config_path: Path, model_dir: Path, threads: int) -> dict:
            "peak_rss_load_mib": round(peak_rss_mib()),
            "rss_mib": round(psutil.Process().memory_info().rss / 2**20),
            "step_bytes": bytes_read_per_step(served), "report": served.report}
-    for batch in (1, 8):
-        row.update(speed(served, info.pad_id, batch))
+    row["pairs"] = []  # (ours, llama.cpp) batch-1 tokens/s per round
+    for _ in range(rounds):
+        peer = llama_bench(work, gguf, threads)
+        row["pairs"].append((speed(served, info.pad_id, 1)["decode_tok_s_b1"], peer))
+    row["decode_tok_s_b1"] = statistics.median(o for o, _ in row["pairs"])
+    row["peer_tok_s"] = statistics.median(p for _, p in row["pairs"])
+    row["ratio"] = statistics.median(o / p for o, p in row["pairs"])
+    row.update(speed(served, info.pad_id, 8))
     if served.runner is not None:
         row.update(framework_overhead_ms(served.runner))
     row["serving_rss_mib"] = round(psutil.Process().memory_info().rss / 2**20)
     return row
 
 
-def ours_isolated(config: Path, model_dir: Path, threads: int) -> dict:
+def ours_isolated(config: Path, model_dir: Path, threads: int, work: Path, gguf: Path, rounds: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run([sys.executable, __file__, "--single", str(config), "--model-dir", str(model_dir),
-                        "--threads", str(threads), "--out", out.name], check=True)
+                        "--threads", str(threads), "--work", str(work), "--gguf", str(gguf), "--rounds", str(rounds),
+                        "--out", out.name], check=True)
         return json.loads(Path(out.name).read_text())
 
 
@@ -142,16 +155,18 @@ def peak_at_load(r: dict) -> str:
     return f"{r['peak_rss_load_mib']}{' (fp32 held: calibrating)' if held else ''}"
 
 
-def table(model: Path, rows: list[tuple[str, str, dict, float, float]], bandwidth: float) -> str:
+def table(model: Path, rows: list[tuple[str, str, dict, float]], bandwidth: float) -> str:
     lines = [f"### {model.name}",
              "",
-             "| ours | tok/s b1 | llama.cpp | tok/s | ours / llama.cpp | ours GB/s b1 (share of machine) | "
+             "| ours | tok/s b1 | llama.cpp | tok/s | ours / llama.cpp (range) | ours GB/s b1 (share of machine) | "
              "llama.cpp GB/s | tok/s b8 (x b1) | step ms b1 (overhead) | peak RSS load MiB | RSS serving MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for config, fmt, r, peer, peer_bytes in rows:
-        b1, b8 = r["decode_tok_s_b1"], r["decode_tok_s_b8"]
+    for config, fmt, r, peer_bytes in rows:
+        b1, b8, peer = r["decode_tok_s_b1"], r["decode_tok_s_b8"], r["peer_tok_s"]
         gb = r["step_bytes"] * b1 / 1e9
-        lines.append(f"| {Path(config).stem} | {b1:.1f} | {fmt} | {peer:.1f} | **{b1 / peer:.2f}x** | "
+        ratios = [o / p for o, p in r["pairs"]]
+        lines.append(f"| {Path(config).stem} | {b1:.1f} | {fmt} | {peer:.1f} | **{r['ratio']:.2f}x** "
+                     f"({min(ratios):.2f}-{max(ratios):.2f}) | "
                      f"{gb:.1f} ({100 * gb / bandwidth:.0f} %) | {peer_bytes * peer / 1e9:.1f} | "
                      f"{b8:.1f} ({b8 / b1:.1f}x) | {overhead(r)} | {peak_at_load(r)} | "
                      f"{r['serving_rss_mib']} |")
@@ -168,12 +183,16 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--accuracy", action="store_true",
                         help="also perplexity of ours vs llama.cpp on eval/python-reference.txt (first model)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="paired rounds (llama-bench, then ours) per mode; the ratio is their median")
     parser.add_argument("--single", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
-        args.out.write_text(json.dumps(ours(args.single, args.model_dir, args.threads)))
+        args.out.write_text(json.dumps(ours(args.single, args.model_dir, args.threads, args.work, args.gguf,
+                                            args.rounds)))
         return
     models = args.models
     if not models:
@@ -190,21 +209,21 @@ def main() -> None:
     tables = []
     for model in models:
         rows = []
-        peers = {}
         for config, fmt in MODES:
             gguf = Path(f"{prefixes[model]}-{fmt}.gguf")
-            if fmt not in peers:
-                peers[fmt] = llama_bench(args.work, gguf, args.threads)
-            r = ours_isolated(ROOT / config, model, args.threads)
-            rows.append((config, fmt, r, peers[fmt], gguf.stat().st_size))
-            print(f"{model.name} {Path(config).stem}: {r['decode_tok_s_b1']:.1f} tok/s vs llama.cpp {fmt} "
-                  f"{peers[fmt]:.1f}; step {overhead(r)} ms; runner {r['report'].get('runner')}; kernels {r['report'].get('kernels', r['report'].get('fp32_matvec'))}",
-                  flush=True)
+            r = ours_isolated(ROOT / config, model, args.threads, args.work, gguf, args.rounds)
+            rows.append((config, fmt, r, gguf.stat().st_size))
+            pairs = ", ".join(f"{o:.1f}/{p:.1f}" for o, p in r["pairs"])
+            print(f"{model.name} {Path(config).stem} vs llama.cpp {fmt}: {r['ratio']:.2f}x (rounds, ours/llama.cpp "
+                  f"tok/s: {pairs}); step {overhead(r)} ms; runner {r['report'].get('runner')}; kernels "
+                  f"{r['report'].get('kernels', r['report'].get('fp32_matvec'))}", flush=True)
         tables.append(table(model, rows, bandwidth))
     if args.accuracy:
         tables.append(accuracy_table(args.work, models[0], prefixes[models[0]], args.threads))
     text = (f"Machine read bandwidth measured in this run: {bandwidth:.1f} GB/s, {args.threads} threads. "
-            "Batch-1 decode of 64 tokens; ours after a 32-token prompt, llama.cpp's tg64.\n\n" + "\n\n".join(tables))
+            "Batch-1 decode of 64 tokens; ours after a 32-token prompt, llama.cpp's tg64. Each mode: "
+            f"{args.rounds} paired rounds (llama-bench, then ours in the same minute); tok/s are medians, the "
+            "ratio is the median of the rounds' ratios (range in brackets).\n\n" + "\n\n".join(tables))
     print()
     print(text)
     if args.markdown:

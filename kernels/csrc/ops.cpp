@@ -84,7 +84,9 @@ void parallel_chunks(int64_t n, int64_t grain, const F& fn) {
   struct alignas(64) Counter {  // one cache line each: a thread's own counter stays in its cache
     std::atomic<int64_t> next;
   };
-  std::vector<Counter> counters(teams);
+  Counter on_stack[16];  // a decode step makes ~150 of these calls: no heap allocation for up to 16 threads
+  std::vector<Counter> on_heap(teams > 16 ? teams : 0);
+  Counter* counters = teams > 16 ? on_heap.data() : on_stack;
   for (int64_t t = 0; t < teams; ++t) counters[t].next.store(t * chunks / teams, std::memory_order_relaxed);
   at::parallel_for(0, teams, 1, [&](int64_t first, int64_t) {
     for (int64_t k = 0; k < teams; ++k) {
