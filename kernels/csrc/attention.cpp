@@ -41,9 +41,9 @@ void check_index(const torch::Tensor& t, int64_t N, const char* name) {
 
 }  // namespace
 
-torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
-                             torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
-                             int64_t kv_heads, double scale) {
+torch::Tensor slot_attention_out(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
+                                 torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
+                                 int64_t kv_heads, double scale, torch::Tensor out_buffer) {
   TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
               "slot_attention needs a CPU with AVX2 and FMA");
   check_float(qkv, 2, "qkv");
@@ -92,10 +92,11 @@ torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor
       std::memcpy(at_cache(vc, n, h), row + (heads + kv_heads + h) * D, D * sizeof(float));
     }
   });
-  auto out = torch::empty({N, heads * D}, qkv.options());
+  auto out = output(out_buffer, N, heads * D, qkv, "slot_attention");
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N * heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> q(D), scores(L);
+    thread_local std::vector<float> q, scores;  // this thread's scratch, kept across calls
+    q.resize(D), scores.resize(L);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / heads, h = i % heads, kvh = h / group;
       rope_avx2(x + n * width + h * D, cp + pos[n] * half, sp + pos[n] * half, half, 1.f, q.data());
@@ -105,6 +106,13 @@ torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor
     }
   });
   return out;
+}
+
+torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
+                             torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
+                             int64_t kv_heads, double scale) {
+  return slot_attention_out(qkv, cos, sin, positions, slots, k_cache, v_cache, heads, kv_heads, scale,
+                            torch::Tensor());
 }
 
 }  // namespace cpu_llm

@@ -46,12 +46,13 @@ struct Linear {
     return tensors.size() > 2 ? c10::optional<torch::Tensor>(tensors[2]) : c10::nullopt;
   }
 
-  torch::Tensor operator()(const torch::Tensor& x) const {
+  // x @ W.T (+ bias), into `out` where it is defined (see ops.h), except on the BLAS.
+  torch::Tensor operator()(const torch::Tensor& x, const torch::Tensor& out = torch::Tensor()) const {
     switch (kind) {
-      case kTiled: return qlinear_tiled(x, tensors[0], tensors[1], bits, n, act_per_row, bias);
-      case kRows: return qlinear(x, tensors[0], tensors[1], offsets(), bits, zero, act_per_row, bias);
-      case kWoqF32: return woq_linear_f32(x, tensors[0], tensors[1], offsets(), bits, zero, bias);
-      case kF32: return linear_f32_cat(x, tensors, bias);
+      case kTiled: return qlinear_tiled_out(x, tensors[0], tensors[1], bits, n, act_per_row, bias, out);
+      case kRows: return qlinear_out(x, tensors[0], tensors[1], offsets(), bits, zero, act_per_row, bias, out);
+      case kWoqF32: return woq_linear_f32_out(x, tensors[0], tensors[1], offsets(), bits, zero, bias, out);
+      case kF32: return linear_f32_cat_out(x, tensors, bias, out);
       default: return blas(x);
     }
   }
@@ -118,16 +119,21 @@ class DecoderStack : public torch::CustomClassHolder {
                     " projection (set_linear)");
       }
     }
-    torch::Tensor delta;
+    // Each op's result buffer: allocated by layer 0's ops, written again by every later layer's
+    // (the shapes are the same), so a step allocates ~7 tensors rather than ~10 per layer.
+    torch::Tensor h, qkv, a, o, gate_up, act, delta;
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
-      auto h = delta.defined() ? add_rms_norm_(x, delta, layer.input_norm, eps_)
-                               : rms_norm(x, layer.input_norm, eps_);                    // (N, hidden)
-      auto qkv = layer.linears[0](h);                                                    // (N, (heads + 2 kv) D)
-      auto a = slot_attention(qkv, cos, sin, positions, slots, k_cache[i], v_cache[i], heads_, kv_heads_,
-                              scale_);                                                   // (N, heads D)
-      h = add_rms_norm_(x, layer.linears[1](a), layer.post_norm, eps_);                  // (N, hidden)
-      delta = layer.linears[3](silu_mul(layer.linears[2](h)));                           // (N, hidden)
+      h = delta.defined() ? add_rms_norm_out(x, delta, layer.input_norm, eps_, h)
+                          : rms_norm(x, layer.input_norm, eps_);                         // (N, hidden)
+      qkv = layer.linears[0](h, qkv);                                                    // (N, (heads + 2 kv) D)
+      a = slot_attention_out(qkv, cos, sin, positions, slots, k_cache[i], v_cache[i], heads_, kv_heads_, scale_,
+                             a);                                                         // (N, heads D)
+      o = layer.linears[1](a, o);                                                        // (N, hidden)
+      h = add_rms_norm_out(x, o, layer.post_norm, eps_, h);                              // (N, hidden)
+      gate_up = layer.linears[2](h, gate_up);                                            // (N, 2 I)
+      act = silu_mul_out(gate_up, act);                                                  // (N, I)
+      delta = layer.linears[3](act, delta);                                              // (N, hidden)
     }
     return delta;
   }

@@ -56,13 +56,14 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
-torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor weight, double eps) {
+torch::Tensor add_rms_norm_out(torch::Tensor x, torch::Tensor delta, torch::Tensor weight, double eps,
+                               torch::Tensor out_buffer) {
   check_rows(x, "add_rms_norm_", "x");
   check_rows(delta, "add_rms_norm_", "delta");
   TORCH_CHECK(delta.sizes() == x.sizes(), "add_rms_norm_: delta ", delta.sizes(), " must match x ", x.sizes());
   check_weight(x, weight, "add_rms_norm_");
   const int64_t H = x.size(1);
-  auto out = torch::empty_like(x);
+  auto out = output(out_buffer, x.size(0), H, x, "add_rms_norm_");
   float *xp = x.data_ptr<float>(), *op = out.data_ptr<float>();
   const float *dp = delta.data_ptr<float>(), *wp = weight.data_ptr<float>();
   at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t r0, int64_t r1) {
@@ -75,12 +76,12 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor 
   return out;
 }
 
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+torch::Tensor silu_mul_out(torch::Tensor gate_up, torch::Tensor out_buffer) {
   check_rows(gate_up, "silu_mul", "gate_up");
   TORCH_CHECK(gate_up.size(1) % 2 == 0, "silu_mul: gate_up must have an even number of columns, got ",
               gate_up.size(1));
   const int64_t I = gate_up.size(1) / 2;
-  auto out = torch::empty({gate_up.size(0), I}, gate_up.options());
+  auto out = output(out_buffer, gate_up.size(0), I, gate_up, "silu_mul");
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t r0, int64_t r1) {
@@ -95,6 +96,12 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   });
   return out;
 }
+
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor weight, double eps) {
+  return add_rms_norm_out(x, delta, weight, eps, torch::Tensor());
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) { return silu_mul_out(gate_up, torch::Tensor()); }
 
 }  // namespace cpu_llm
 

@@ -134,6 +134,19 @@ QuantWeights weights(const torch::Tensor& qweight, const torch::Tensor& scales, 
                       groups, K};
 }
 
+}  // namespace
+
+torch::Tensor output(const torch::Tensor& out, int64_t rows, int64_t cols, const torch::Tensor& like, const char* op) {
+  if (!out.defined()) return torch::empty({rows, cols}, like.options());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) == cols && out.scalar_type() == torch::kFloat &&
+                  out.is_contiguous(),
+              op, ": out must be a contiguous float32 [", rows, ", ", cols, "] tensor, got ", out.scalar_type(), " ",
+              out.sizes());
+  return out;
+}
+
+namespace {
+
 torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, const char* op) {
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == y.size(1), op, ": bias must have ", y.size(1), " values, got ",
@@ -159,14 +172,15 @@ QuantActs quantize_acts(const torch::Tensor& x, int64_t K, int64_t groups, bool 
 }  // namespace
 
 // The ops below are also called directly by the decoder stack (decoder.cpp, ops.h).
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
-                      int64_t bits, double zero, bool act_per_row, c10::optional<torch::Tensor> bias) {
+torch::Tensor qlinear_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                          c10::optional<torch::Tensor> offsets, int64_t bits, double zero, bool act_per_row,
+                          c10::optional<torch::Tensor> bias, torch::Tensor out) {
   const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "qlinear");
   check_x(x, w.K, "qlinear");
   const Isa isa = current_isa();
   const int64_t M = x.size(0), N = qweight.size(0), nb = w.K / kBlock;
   const QuantActs acts = quantize_acts(x, w.K, w.groups, act_per_row);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, M, N, x, "qlinear");
   float* yp = y.data_ptr<float>();
   // Symmetric weights on AVX-512: the zero point is taken out in integers (PairActs).
   const float zero_f = w.zero + (bits == 8 ? 128.f : 0.f);  // int8 weights are read as w + 128
@@ -221,8 +235,8 @@ QuantWeights untile(const TiledWeights& w, int64_t t, std::vector<uint8_t>& rows
 
 // qlinear for a symmetric weight tiled by quant/tiling.py: tiles uint8 [ceil(N / 16), K x 16 or
 // K x 8 (4 bits)], scales float32/float16 [ceil(N / 16), groups, 16].
-torch::Tensor qlinear_tiled(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
-                            bool act_per_row, c10::optional<torch::Tensor> bias) {
+torch::Tensor qlinear_tiled_out(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
+                                bool act_per_row, c10::optional<torch::Tensor> bias, torch::Tensor out) {
   TORCH_CHECK(bits == 8 || bits == 4, "qlinear_tiled: bits must be 8 or 4, got ", bits);
   const int64_t T = (N + 15) / 16;
   TORCH_CHECK(N > 0 && tiles.dim() == 2 && tiles.scalar_type() == torch::kByte && tiles.is_contiguous() &&
@@ -241,7 +255,7 @@ torch::Tensor qlinear_tiled(torch::Tensor x, torch::Tensor tiles, torch::Tensor 
                        static_cast<int>(bits), bits == 8 ? 128 : 8, scales.size(1), K, N};
   const int64_t M = x.size(0);
   const QuantActs acts = quantize_acts(x, K, w.groups, act_per_row);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, M, N, x, "qlinear_tiled");
   float* yp = y.data_ptr<float>();
   if (isa == kAvx512) {
     thread_local std::vector<int32_t> corr;
@@ -267,14 +281,14 @@ torch::Tensor qlinear_tiled(torch::Tensor x, torch::Tensor tiles, torch::Tensor 
   return finish(y, bias, "qlinear_tiled");
 }
 
-torch::Tensor woq_linear_f32(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                             c10::optional<torch::Tensor> offsets, int64_t bits, double zero,
-                             c10::optional<torch::Tensor> bias) {
+torch::Tensor woq_linear_f32_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                 c10::optional<torch::Tensor> offsets, int64_t bits, double zero,
+                                 c10::optional<torch::Tensor> bias, torch::Tensor out) {
   const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "woq_linear_f32");
   check_x(x, w.K, "woq_linear_f32");
   current_isa();
   const int64_t M = x.size(0), N = qweight.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, M, N, x, "woq_linear_f32");
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   parallel_chunks(N, kGrain, [&](int64_t n0, int64_t n1) { woq_f32_avx2(xp, M, w, n0, n1, yp, N); });
@@ -295,7 +309,8 @@ void dequantize_into(torch::Tensor qweight, torch::Tensor scales, c10::optional<
 
 // y = x @ cat(weights).T (+ bias) without concatenating the weights: each output column range
 // reads its own weight, all in one parallel region (fused q/k/v or gate/up kept in place).
-torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> bias) {
+torch::Tensor linear_f32_cat_out(torch::Tensor x, std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> bias,
+                                 torch::Tensor out) {
   TORCH_CHECK(!weights.empty(), "linear_f32: at least one weight is needed");
   const int64_t K = weights[0].size(-1);
   std::vector<int64_t> start{0};  // first output column of each weight
@@ -309,7 +324,7 @@ torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights
   check_x(x, K, "linear_f32");
   const Isa isa = current_isa();
   const int64_t M = x.size(0), N = start.back();
-  auto y = torch::empty({M, N}, x.options());
+  auto y = output(out, M, N, x, "linear_f32");
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   parallel_chunks(N, kGrain, [&](int64_t n0, int64_t n1) {
@@ -323,6 +338,26 @@ torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights
     }
   });
   return finish(y, bias, "linear_f32");
+}
+
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
+                      int64_t bits, double zero, bool act_per_row, c10::optional<torch::Tensor> bias) {
+  return qlinear_out(x, qweight, scales, offsets, bits, zero, act_per_row, bias, torch::Tensor());
+}
+
+torch::Tensor qlinear_tiled(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
+                            bool act_per_row, c10::optional<torch::Tensor> bias) {
+  return qlinear_tiled_out(x, tiles, scales, bits, N, act_per_row, bias, torch::Tensor());
+}
+
+torch::Tensor woq_linear_f32(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                             c10::optional<torch::Tensor> offsets, int64_t bits, double zero,
+                             c10::optional<torch::Tensor> bias) {
+  return woq_linear_f32_out(x, qweight, scales, offsets, bits, zero, bias, torch::Tensor());
+}
+
+torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> bias) {
+  return linear_f32_cat_out(x, std::move(weights), bias, torch::Tensor());
 }
 
 torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {

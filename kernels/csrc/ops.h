@@ -9,6 +9,13 @@
 
 namespace cpu_llm {
 
+// Each op's `_out` form writes its result into `out` when `out` is defined (checked to be a
+// contiguous float32 tensor of the result's shape) and returns it; undefined, it allocates, as
+// the plain form does. The decoder stack passes the buffers layer 0 allocated to every later
+// layer: a decode step then allocates ~7 tensors instead of ~300 (each allocation and free costs
+// about a microsecond, on the thread the others wait for).
+torch::Tensor output(const torch::Tensor& out, int64_t rows, int64_t cols, const torch::Tensor& like, const char* op);
+
 // ops.cpp
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
                       int64_t bits, double zero, bool act_per_row, c10::optional<torch::Tensor> bias);
@@ -18,15 +25,30 @@ torch::Tensor woq_linear_f32(torch::Tensor x, torch::Tensor qweight, torch::Tens
                              c10::optional<torch::Tensor> offsets, int64_t bits, double zero,
                              c10::optional<torch::Tensor> bias);
 torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> bias);
+torch::Tensor qlinear_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                          c10::optional<torch::Tensor> offsets, int64_t bits, double zero, bool act_per_row,
+                          c10::optional<torch::Tensor> bias, torch::Tensor out);
+torch::Tensor qlinear_tiled_out(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
+                                bool act_per_row, c10::optional<torch::Tensor> bias, torch::Tensor out);
+torch::Tensor woq_linear_f32_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                 c10::optional<torch::Tensor> offsets, int64_t bits, double zero,
+                                 c10::optional<torch::Tensor> bias, torch::Tensor out);
+torch::Tensor linear_f32_cat_out(torch::Tensor x, std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> bias,
+                                 torch::Tensor out);
 
 // attention.cpp
 torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
                              torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
                              int64_t kv_heads, double scale);
+torch::Tensor slot_attention_out(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
+                                 torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
+                                 int64_t kv_heads, double scale, torch::Tensor out);
 
 // elementwise.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor weight, double eps);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor add_rms_norm_out(torch::Tensor x, torch::Tensor delta, torch::Tensor weight, double eps, torch::Tensor out);
+torch::Tensor silu_mul_out(torch::Tensor gate_up, torch::Tensor out);
 
 }  // namespace cpu_llm
