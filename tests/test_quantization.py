@@ -108,6 +108,28 @@ def test_auto_picks_native_without_ipex_and_ipex_must_be_installed_to_be_asked_f
         quantize.resolve_backend(parse_quantization_config({"backend": "ipex"}))
 
 
+@pytest.mark.parametrize("section,kernels,expected,why", [
+    ({"method": "woq"}, True, "native", "our quantized kernels decode faster"),
+    ({"method": "smoothquant"}, True, "native", "our quantized kernels decode faster"),
+    ({"method": "woq", "woq": {"weight_dtype": "INT4"}}, True, "native", "our quantized kernels decode faster"),
+    ({"method": "none"}, True, "ipex", "fp32"),
+    ({"method": "woq", "woq": {"weight_dtype": "NF4"}}, True, "ipex", "quantization.woq.weight_dtype"),
+    ({"method": "smoothquant", "dtype": "bf16"}, True, "ipex", "quantization.dtype"),
+    ({"method": "woq"}, False, "ipex", "the native kernels are missing"),
+])
+def test_auto_with_ipex_installed_picks_native_for_what_our_kernels_serve(monkeypatch, caplog, section, kernels,
+                                                                         expected, why):
+    """Measured on every CPU we have run, AMX included: our quantized decode beats IPEX's
+    (docs/quantization.md); IPEX keeps fp32, what only it implements, and hosts without our kernels."""
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: object())
+    for module in (quantize, ops):  # ops: the native backend's own check, on the native rows
+        monkeypatch.setattr(module, "kernels_available", lambda: kernels)
+    monkeypatch.setattr(quantize, "kernel_status", lambda: "reference (not built)")
+    caplog.set_level(logging.INFO, logger=quantize.logger.name)
+    assert quantize.resolve_backend(parse_quantization_config(section)) == expected
+    assert f"quantization backend: {expected} (" in caplog.text and why in caplog.text
+
+
 def test_keep_full_precision_must_name_a_linear_layer():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="'lm_head' is not a linear layer"):

@@ -194,7 +194,7 @@ def test_quantized_runner_rows_are_exactly_batch_invariant(model_dir, config):
     """No padding and row-independent kernels: with our runner even int8 compute gives a request
     the same tokens alone and in a batch, prefilled in any chunk size."""
     raw = yaml.safe_load((ROOT / "configs" / config).read_text())
-    raw["quantization"]["backend"] = "native"  # auto picks IPEX on an AMX host in the ipex stack
+    raw["quantization"]["backend"] = "native"  # the runner serves the native backend only
     served, info = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
     attach_runner(served, "llama", slots=4, length=256, prefill_chunk=256)
     assert served.report["runner"] == "llama"
@@ -210,7 +210,7 @@ def test_the_decoder_stack_gives_the_python_loops_logits_bitwise(model_dir, conf
     """The C++ stack calls the same ops on the same tensors as the Python layers: prefill and
     decode logits of two slots must be equal to the bit, in every mode."""
     raw = yaml.safe_load((ROOT / "configs" / config).read_text()) if config else {}
-    raw.setdefault("quantization", {})["backend"] = "native"  # auto picks IPEX in the ipex stack
+    raw.setdefault("quantization", {})["backend"] = "native"  # auto picks IPEX for fp32 in the ipex stack
     served, _ = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
     attach_runner(served, "llama", slots=2, length=64, prefill_chunk=64)
     model = served.model
