@@ -12,7 +12,8 @@ drifts by tens of percent within minutes); the ratio printed is the median of th
 ratios, with their range. Printed side by side: tokens/s at batch 1 (medians) with the
 ratio to the llama.cpp counterpart (fp32 vs F32, INT8 and SmoothQuant vs Q8_0, INT4 vs Q4_0),
 batch 8 aggregate and its ratio to batch 1, the weights' read bandwidth achieved as a share of
-the machine's bandwidth measured in the same run, peak RSS while loading and quantizing, and
+the machine's bandwidth measured in the same run, peak RSS while loading and quantizing (for
+SmoothQuant a first load, calibrating: each process starts with an empty calibration cache), and
 RSS while serving. With --accuracy, also perplexity of each mode beside llama.cpp's on the same
 held-out text (eval/python-reference.txt, scored the same way).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -42,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from cpu_llm.config import parse_serving_config  # noqa: E402
+from cpu_llm.quant.quantize import CACHE_DIR_ENV  # noqa: E402
 from evaluate import (TEXT, bytes_read_per_step, evaluate_all, framework_overhead_ms, memory_bandwidth_gb_s,  # noqa: E402, I001
                       peak_rss_mib, perplexity_change, serve_like_the_worker, speed)
 
@@ -137,10 +140,12 @@ def ours(config_path: Path, model_dir: Path, threads: int, work: Path, gguf: Pat
 
 
 def ours_isolated(config: Path, model_dir: Path, threads: int, work: Path, gguf: Path, rounds: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+    """ours() in a fresh process, with an empty calibration cache: SmoothQuant's row is a first
+    load, its calibration included (the worst case for its peak memory)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out, tempfile.TemporaryDirectory() as cache:
         subprocess.run([sys.executable, __file__, "--single", str(config), "--model-dir", str(model_dir),
                         "--threads", str(threads), "--work", str(work), "--gguf", str(gguf), "--rounds", str(rounds),
-                        "--out", out.name], check=True)
+                        "--out", out.name], check=True, env={**os.environ, CACHE_DIR_ENV: cache})
         return json.loads(Path(out.name).read_text())
 
 

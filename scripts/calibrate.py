@@ -2,7 +2,8 @@
 
 The file is the backend's own: IPEX's qconfig summary (alpha in a `.alpha` file beside it)
 or the native backend's JSON of activation maxima and alpha. `--backend` overrides the
-config's `quantization.backend` (auto = IPEX when installed).
+config's `quantization.backend` (auto = native where our kernels are built). The native
+backend calibrates one fp32 layer at a time, as a first load does, where the checkpoint allows.
 
 Without a saved summary the first worker calibrates at start-up (and caches the result in
 $LLM_CPU_CACHE_DIR, default ~/.cache/torchserve-llm-cpu). Calibrating ahead of time makes
@@ -26,11 +27,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 from cpu_llm.quant import native_smoothquant  # noqa: E402
-from cpu_llm.quant.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
+from cpu_llm.quant.calibration import alpha_candidates  # noqa: E402
 from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
-from cpu_llm.model import load_model  # noqa: E402
-from cpu_llm.quant.native_backend import quantize_w8a8  # noqa: E402
-from cpu_llm.quant.quantize import keep_full_precision, resolve_backend  # noqa: E402
+from cpu_llm.model import load_model, load_tokenizer_info  # noqa: E402
+from cpu_llm.quant.native_backend import calibrate_streaming, quantize_w8a8  # noqa: E402
+from cpu_llm.quant.quantize import keep_full_precision, resolve_backend, smoothquant_batches  # noqa: E402
 
 
 def calibrate(config_path: Path, model_dir: Path, out: Path, backend: str | None = None) -> float:
@@ -41,12 +42,15 @@ def calibrate(config_path: Path, model_dir: Path, out: Path, backend: str | None
     if q.method != "smoothquant":
         raise ConfigError("quantization.method", f"is {q.method}; calibration is for smoothquant")
     sq = q.smoothquant
-    model, info = load_model(str(model_dir))
-    keep_full_precision(model, q.keep_full_precision)
-    texts = read_texts(ROOT / sq.calibration_data, "quantization.smoothquant.calibration_data")
-    batches = calibration_batches(info.tokenizer, texts, sq.num_samples, sq.seq_len)
+    batches = smoothquant_batches(load_tokenizer_info(str(model_dir)).tokenizer, q, ROOT / sq.calibration_data)
     alphas = alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)
-    if resolve_backend(q) == "native":
+    native = resolve_backend(q) == "native"
+    alpha = calibrate_streaming(str(model_dir), q, batches, out) if native else None  # no fp32 model held
+    if alpha is not None:
+        return alpha
+    model, _ = load_model(str(model_dir))
+    keep_full_precision(model, q.keep_full_precision)
+    if native:
         return native_smoothquant.calibrate(model, batches, alphas, quantize_w8a8, out)[1]
     from cpu_llm.quant import ipex_backend
 

@@ -5,6 +5,7 @@ no silent slow path without the kernels."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,8 +18,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from conftest import ROOT
 from cpu_llm import ops
-from cpu_llm.quant import quantize
+from cpu_llm.quant import native_backend, native_smoothquant, quantize, streamed_calibration
 from cpu_llm.errors import QuantizationError
+from cpu_llm.loader import QuantizedLoad, load_quantized
+from cpu_llm.quant.calibration import CalibrationBatch, calibration_loss
 from cpu_llm.model import load_model
 from cpu_llm.quant.quant_config import parse_quantization_config
 from cpu_llm.quant.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear
@@ -137,21 +140,79 @@ def test_without_kernels_a_quantized_config_fails_unless_it_opts_into_the_refere
     quantize.load_for_serving(source, parse_quantization_config({"backend": "native"}), str(ROOT))  # fp32 needs none
 
 
+def _calibration(lengths: tuple[int, ...] = (24, 24, 24, 11)) -> list[CalibrationBatch]:
+    torch.manual_seed(1)
+    ids = [torch.randint(0, 256, (1, n)) for n in lengths]
+    return [CalibrationBatch(i, torch.ones_like(i), torch.arange(i.shape[1])[None]) for i in ids]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_first_smoothquant_calibration_holds_one_fp32_layer_at_a_time(tmp_path, monkeypatch, tied):
+    """The maxima taken one layer at a time are the fp32 model's, bit for bit; an alpha search
+    scores streamed, quantized candidates; the saved calibration is what the load then serves."""
+    source, batches = _llama(tmp_path / "model", tied), _calibration()
+    held: list[int] = []
+    collect = streamed_calibration.collect_activation_maxima
+
+    def counting(model, batches):  # inside every layer, how many layers hold real weights
+        layers = model.model.layers
+        hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda *_: held.append(
+            sum(any(p.device.type != "meta" for p in other.parameters()) for other in layers))) for layer in layers]
+        try:
+            return collect(model, batches)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(streamed_calibration, "collect_activation_maxima", counting)
+    streamed = streamed_calibration.activation_maxima(source, batches)
+    assert held == [1] * 4  # 2 layers x 2 lengths (equal lengths run as one batch)
+    in_memory = native_smoothquant.collect_activation_maxima(load_model(source)[0], batches)
+    assert streamed.keys() == in_memory.keys()
+    for name in streamed:
+        torch.testing.assert_close(streamed[name], in_memory[name], rtol=0, atol=0)
+
+    q = parse_quantization_config({"method": "smoothquant", "backend": "native", "smoothquant": {"alpha": "auto"}})
+    alpha = native_backend.calibrate_streaming(source, q, batches, tmp_path / "sq.json")
+    assert alpha in (0.3, 0.4, 0.5, 0.6, 0.7) and native_smoothquant.load_calibration(tmp_path / "sq.json")[1] == alpha
+
+    # An alpha's score, one quantized layer at a time, is the whole candidate's calibration loss.
+    args = (source, lambda head: native_backend.linear_converter(q, head), native_backend.HEAD_SPEC,
+            native_backend.head_layer(q), ())
+    smoothing = lambda model, checkpoint: native_smoothquant.smoothing_while_loading(  # noqa: E731
+        model, checkpoint, streamed, 0.5)
+    load = QuantizedLoad.open(*args, smoothing)
+    streamed_loss = streamed_calibration.calibration_loss(load, batches)
+    assert all(p.device.type == "meta" for p in load.model.model.layers.parameters())  # every layer dropped again
+    whole_loss = calibration_loss(load_quantized(*args, smoothing), batches, lambda n: None)
+    assert streamed_loss == pytest.approx(whole_loss, rel=1e-5)
+
+
+def test_a_checkpoint_that_cannot_stream_is_calibrated_in_memory(tmp_path):
+    source = _llama(tmp_path)
+    torch.save(load_model(source)[0].state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    assert streamed_calibration.activation_maxima(source, _calibration()) is None
+
+
 @pytest.mark.model
-def test_quantizing_takes_less_memory_than_fp32_not_more(model_dir):
-    """Peak RSS while loading and RSS once every weight has been read (one forward), fp32 vs WoQ
-    INT8, each in a fresh process (VmHWM: the peak of that process alone)."""
+def test_quantizing_takes_less_memory_than_fp32_not_more(model_dir, tmp_path):
+    """Peak RSS over loading and a first forward (fp32's safetensors are mapped, so its weights
+    count once read) and RSS after it, fp32 vs WoQ INT8 and a first (uncalibrated) SmoothQuant,
+    each in a fresh process (VmHWM: the peak of that process alone)."""
     code = ("import json, sys, torch, yaml; sys.path.insert(0, 'handlers'); "
             "from cpu_llm.config import parse_serving_config; from cpu_llm.quant.quantize import load_for_serving; "
             "raw = yaml.safe_load(open(sys.argv[1])); raw['quantization']['backend'] = 'native'; "
             "served, info = load_for_serving(sys.argv[2], parse_serving_config(raw).quantization, '.'); "
             "status = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]); "
-            "peak = status('VmHWM'); served.model(input_ids=torch.tensor([[1, 2, 3]])); "
-            "print(json.dumps([peak / 1024, status('VmRSS') / 1024]))")
+            "served.model(input_ids=torch.tensor([[1, 2, 3]])); "
+            "print(json.dumps([status('VmHWM') / 1024, status('VmRSS') / 1024]))")
     rss = {}
-    for name in ("model-config", "woq-int8"):
+    env = {**os.environ, quantize.CACHE_DIR_ENV: str(tmp_path)}  # no calibration cached: SmoothQuant calibrates
+    for name in ("model-config", "woq-int8", "smoothquant"):
         out = subprocess.run([sys.executable, "-c", code, f"configs/{name}.yaml", str(model_dir)], cwd=ROOT,
-                             check=True, capture_output=True, text=True).stdout
+                             check=True, capture_output=True, text=True, env=env).stdout
         rss[name] = json.loads(out.strip().splitlines()[-1])
-    (fp32_peak, fp32_rss), (int8_peak, int8_rss) = rss["model-config"], rss["woq-int8"]
-    assert int8_peak < fp32_peak and int8_rss < fp32_rss, rss
+    fp32_peak, fp32_rss = rss.pop("model-config")
+    assert all(peak < fp32_peak and served < fp32_rss for peak, served in rss.values()), (fp32_peak, fp32_rss, rss)
+    assert list((tmp_path / "smoothquant").glob("native-*.json")), "SmoothQuant did not calibrate"

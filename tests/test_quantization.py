@@ -204,8 +204,8 @@ def test_smoothquant_runs_int8_linears_and_reuses_its_calibration(model_dir, cap
     assert "SmoothQuant: reusing calibration" in caplog.text
     assert "calibrated with alpha" not in caplog.text
     print(f"{backend} smoothquant load: first {first_s:.1f} s, cached {time.perf_counter() - started:.1f} s")
-    if backend == "native":  # calibrated: smoothed and quantized while loading, to the same bits
-        assert not served.report["quantized_while_loading"] and again.report["quantized_while_loading"]
+    if backend == "native":  # calibrated one fp32 layer at a time, then both smoothed while loading, to the same bits
+        assert served.report["quantized_while_loading"] and again.report["quantized_while_loading"]
         first, second = served.model.state_dict(), again.model.state_dict()
         assert first.keys() == second.keys()
         assert [k for k in first if not torch.equal(first[k], second[k])] == []

@@ -3,13 +3,11 @@ in place (every holder sees the move), without growing RSS, file-backed weights 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import psutil
 import pytest
 import torch
 
-from cpu_llm.models.weight_arena import HUGE_PAGE, huge_page_buffer, pack_weights, thp_setting
+from cpu_llm.models.weight_arena import HUGE_PAGE, huge_page_buffer, pack_weights, smaps_fields, thp_setting
 
 
 class Tied(torch.nn.Module):
@@ -29,22 +27,6 @@ class Tied(torch.nn.Module):
         return self.head(x) + x @ self.table.T
 
 
-def _mapping_of(address: int) -> dict[str, str]:
-    """The /proc/self/smaps fields of the mapping holding `address`."""
-    fields, inside = {}, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=1)[0]
-        if "-" in head and ":" not in head:
-            if inside:
-                break
-            start, end = (int(a, 16) for a in head.split("-"))
-            inside = start <= address < end
-            fields["range"] = head
-        elif inside:
-            fields[head.rstrip(":")] = line.split(maxsplit=1)[1].strip()
-    return fields
-
-
 def test_packing_moves_every_holder_into_one_aligned_mapping_and_keeps_the_results():
     torch.manual_seed(0)
     model = Tied()
@@ -54,7 +36,7 @@ def test_packing_moves_every_holder_into_one_aligned_mapping_and_keeps_the_resul
                 for t in (model.head.weight, model.head.bias, model.table)}
     report = pack_weights(model)
     tensors = [model.head.weight, model.head.bias, model.table, model.table._base]
-    mapping = _mapping_of(tensors[0].data_ptr())
+    mapping = smaps_fields(tensors[0].data_ptr())
     start, end = (int(a, 16) for a in mapping["range"].split("-"))
     assert all(start <= t.data_ptr() < end for t in tensors)
     assert model.embed.weight is model.head.weight and model.weights[0].data_ptr() == model.head.weight.data_ptr()
@@ -66,7 +48,7 @@ def test_packing_moves_every_holder_into_one_aligned_mapping_and_keeps_the_resul
 def test_the_arena_starts_on_a_huge_page_and_is_advised_before_it_is_touched():
     buffer = huge_page_buffer(3 * HUGE_PAGE)
     assert buffer.data_ptr() % HUGE_PAGE == 0 and buffer.numel() == 3 * HUGE_PAGE
-    fields = _mapping_of(buffer.data_ptr())
+    fields = smaps_fields(buffer.data_ptr())
     if thp_setting() in ("always", "madvise"):  # eligible: the kernel backs it with 2 MiB pages where it has them
         assert fields.get("THPeligible") == "1"
     assert fields["Rss"] == "0 kB"  # nothing touched yet, so nothing was faulted in on 4 KiB pages

@@ -136,6 +136,15 @@ def quantize_in_slices(read_rows: Callable[[int, int], torch.Tensor], n: int, sp
     return out
 
 
+def missing_tensors(model: torch.nn.Module, checkpoint: Checkpoint) -> list[str]:
+    """The parameters of `model` that `checkpoint` lacks (a head tied to the embedding needs none)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    head_weight = {f"{name}.weight" for name, module in model.named_modules() if tied and module is head}
+    return sorted(name for name, _ in model.named_parameters(remove_duplicate=False)
+                  if name not in checkpoint and name not in head_weight)
+
+
 def load_quantized(source: str, converter_for: Callable[[str | None], LinearConverter], head_spec: QuantSpec,
                    head_layer: Callable[[PackedWeight, torch.Tensor | None], torch.nn.Module],
                    kept: tuple[str, ...],
@@ -147,77 +156,105 @@ def load_quantized(source: str, converter_for: Callable[[str | None], LinearConv
     rows. `transform_for(model on meta, checkpoint)` may give every tensor read a new value
     (SmoothQuant's smoothing). None if the checkpoint cannot be streamed or the transform
     cannot be made."""
-    folder = Path(source)
-    if not folder.is_dir():
+    load = QuantizedLoad.open(source, converter_for, head_spec, head_layer, kept, transform_for)
+    if load is None:
         return None
-    checkpoint = Checkpoint(folder)
-    config = AutoConfig.from_pretrained(source)
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, **FP32)
-    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embedding.weight
-    modules = dict(model.named_modules())
-    head_name = next((n for n, m in modules.items() if m is head), None)
-    embed_name = next(n for n, m in modules.items() if m is embedding)
-    convert = converter_for(head_name)
-    missing = sorted(n for n in names if n not in checkpoint and not (tied and n == f"{head_name}.weight"))
-    if missing:
-        logger.info("streaming load not possible (%d tensors not in the checkpoint, e.g. %s): loading fp32 first",
-                    len(missing), missing[0])
-        return None
-    transform = (lambda key, rows, start: rows) if transform_for is None else transform_for(model, checkpoint)
-    if transform is None:
-        return None
+    load.read()
+    return load.model
 
-    with torch.no_grad():
-        done: set[str] = set()
-        embed_key = f"{embed_name}.weight"
-        n_vocab = checkpoint.shape(embed_key)[0]
-        if tied and head_name in kept:  # the kept head reads the fp32 table: no int8 copy of it
-            embedding.weight = torch.nn.Parameter(checkpoint.tensor(embed_key), requires_grad=False)
-        else:
-            packed = quantize_in_slices(lambda a, b: checkpoint.rows(embed_key, a, b), n_vocab, head_spec)
-            set_module(model, embed_name, QuantizedEmbedding(packed.qweight, packed.scales))
-        done.add(embed_key)
-        release_freed_memory()
-        if tied:
-            bias = checkpoint.tensor(f"{head_name}.bias") if f"{head_name}.bias" in names else None
-            if head_name in kept:
-                head.weight = embedding.weight
-                set_module(model, head_name, FullPrecisionLinear(head))
+
+class QuantizedLoad:
+    """A model built on meta from its checkpoint, with the embedding and LM head read (quantized);
+    every other part is read on demand (`read`): all of it for serving, or one decoder layer at
+    a time (SmoothQuant scoring an alpha without holding the whole candidate)."""
+
+    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint, convert: LinearConverter,
+                 transform: Transform, kept: tuple[str, ...], done: set[str]) -> None:
+        self.model, self.checkpoint, self.convert, self.transform, self.kept = model, checkpoint, convert, transform, kept
+        self.done = done  # the embedding's and the tied head's keys, read already
+        self.names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+
+    @classmethod
+    def open(cls, source: str, converter_for: Callable[[str | None], LinearConverter], head_spec: QuantSpec,
+             head_layer: Callable[[PackedWeight, torch.Tensor | None], torch.nn.Module], kept: tuple[str, ...],
+             transform_for: Callable[[torch.nn.Module, Checkpoint], Transform | None] | None = None
+             ) -> "QuantizedLoad | None":
+        """As load_quantized, with nothing but the embedding and a tied head read yet."""
+        folder = Path(source)
+        if not folder.is_dir():
+            return None
+        checkpoint = Checkpoint(folder)
+        config = AutoConfig.from_pretrained(source)
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, **FP32)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        embedding = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        tied = head is not None and head.weight is embedding.weight
+        modules = dict(model.named_modules())
+        head_name = next((n for n, m in modules.items() if m is head), None)
+        embed_name = next(n for n, m in modules.items() if m is embedding)
+        missing = missing_tensors(model, checkpoint)
+        if missing:
+            logger.info("streaming load not possible (%d tensors not in the checkpoint, e.g. %s): loading fp32 first",
+                        len(missing), missing[0])
+            return None
+        transform = (lambda key, rows, start: rows) if transform_for is None else transform_for(model, checkpoint)
+        if transform is None:
+            return None
+
+        with torch.no_grad():
+            embed_key = f"{embed_name}.weight"
+            n_vocab = checkpoint.shape(embed_key)[0]
+            if tied and head_name in kept:  # the kept head reads the fp32 table: no int8 copy of it
+                embedding.weight = torch.nn.Parameter(checkpoint.tensor(embed_key), requires_grad=False)
             else:
-                set_module(model, head_name, head_layer(packed, bias))
-            done |= {f"{head_name}.weight", f"{head_name}.bias"}
+                packed = quantize_in_slices(lambda a, b: checkpoint.rows(embed_key, a, b), n_vocab, head_spec)
+                set_module(model, embed_name, QuantizedEmbedding(packed.qweight, packed.scales))
+            done = {embed_key}
+            release_freed_memory()
+            if tied:
+                bias = checkpoint.tensor(f"{head_name}.bias") if f"{head_name}.bias" in names else None
+                if head_name in kept:
+                    head.weight = embedding.weight
+                    set_module(model, head_name, FullPrecisionLinear(head))
+                else:
+                    set_module(model, head_name, head_layer(packed, bias))
+                done |= {f"{head_name}.weight", f"{head_name}.bias"}
+        return cls(model, checkpoint, converter_for(head_name), transform, kept, done)
 
-        for name, module in list(model.named_modules()):
+    @torch.no_grad()
+    def read(self, prefix: str = "", skip: str | None = None) -> None:
+        """Every linear layer (quantized, or fp32 where kept) and parameter whose name starts with
+        `prefix` and not with `skip`, from the checkpoint."""
+        checkpoint, transform = self.checkpoint, self.transform
+        wanted = lambda name: name.startswith(prefix) and not (skip and name.startswith(skip))  # noqa: E731
+        for name, module in list(self.model.named_modules()):
             linear = as_linear(module)
-            if linear is None or f"{name}.weight" in done:
+            if linear is None or f"{name}.weight" in self.done or not wanted(name):
                 continue
             conv1d = linear is not module  # GPT-2 stores the weight transposed
             key = f"{name}.weight"
-            bias = transform(f"{name}.bias", checkpoint.tensor(f"{name}.bias"), 0) if f"{name}.bias" in names else None
-            if name in kept:
+            has_bias = f"{name}.bias" in self.names
+            bias = transform(f"{name}.bias", checkpoint.tensor(f"{name}.bias"), 0) if has_bias else None
+            if name in self.kept:
                 full = torch.nn.Linear(*checkpoint.shape(key, conv1d)[::-1], bias=bias is not None)
                 full.weight.copy_(transform(key, checkpoint.rows(key, 0, checkpoint.shape(key, conv1d)[0], conv1d), 0))
                 if bias is not None:
                     full.bias.copy_(bias)
-                set_module(model, name, FullPrecisionLinear(full))
+                set_module(self.model, name, FullPrecisionLinear(full))
             else:
                 n = checkpoint.shape(key, conv1d)[0]
                 read = lambda a, b, key=key, conv1d=conv1d: transform(key, checkpoint.rows(key, a, b, conv1d), a)  # noqa: E731
                 pack = lambda spec, read=read, n=n: quantize_in_slices(read, n, spec)  # noqa: E731
-                set_module(model, name, convert(name, pack, bias))
-            done |= {key, f"{name}.bias"}
+                set_module(self.model, name, self.convert(name, pack, bias))
             release_freed_memory()
 
-        for name, param in list(model.named_parameters()):
-            if param.device.type == "meta":
+        for name, param in list(self.model.named_parameters()):
+            if param.device.type == "meta" and wanted(name):
                 parent_name, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), attr,
+                setattr(self.model.get_submodule(parent_name), attr,
                         torch.nn.Parameter(transform(name, checkpoint.tensor(name), 0), requires_grad=False))
-    if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(source)
-    return model.eval()
-
+        self.model.eval()  # the layers swapped in are built in training mode

@@ -1,7 +1,7 @@
-// The torch-level ops of cpu_llm_kernels as C++ functions, for code that calls them without the
-// dispatcher: the decoder stack (decoder.cpp) runs ~240 of them per decode step, where a call
-// through Python and the dispatcher costs more than the smaller ops' arithmetic. Each is also
-// registered as torch.ops.cpu_llm.<name>; see the file that defines it for what it computes.
+// The ops the decoder stack (decoder.cpp) calls as C++ functions, without the dispatcher: it runs
+// ~240 of them per decode step, where a call through Python and the dispatcher costs more than the
+// smaller ops' arithmetic. It calls their `_out` forms (plus rms_norm); the plain forms are what
+// each file registers as torch.ops.cpu_llm.<name>. See the file that defines an op for what it computes.
 #pragma once
 #include <torch/extension.h>
 
@@ -17,14 +17,6 @@ namespace cpu_llm {
 torch::Tensor output(const torch::Tensor& out, int64_t rows, int64_t cols, const torch::Tensor& like, const char* op);
 
 // ops.cpp
-torch::Tensor qlinear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> offsets,
-                      int64_t bits, double zero, bool act_per_row, c10::optional<torch::Tensor> bias);
-torch::Tensor qlinear_tiled(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
-                            bool act_per_row, c10::optional<torch::Tensor> bias);
-torch::Tensor woq_linear_f32(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                             c10::optional<torch::Tensor> offsets, int64_t bits, double zero,
-                             c10::optional<torch::Tensor> bias);
-torch::Tensor linear_f32_cat(torch::Tensor x, std::vector<torch::Tensor> weights, c10::optional<torch::Tensor> bias);
 torch::Tensor qlinear_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                           c10::optional<torch::Tensor> offsets, int64_t bits, double zero, bool act_per_row,
                           c10::optional<torch::Tensor> bias, torch::Tensor out);
@@ -37,17 +29,12 @@ torch::Tensor linear_f32_cat_out(torch::Tensor x, std::vector<torch::Tensor> wei
                                  torch::Tensor out);
 
 // attention.cpp
-torch::Tensor slot_attention(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
-                             torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
-                             int64_t kv_heads, double scale);
 torch::Tensor slot_attention_out(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
                                  torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
                                  int64_t kv_heads, double scale, torch::Tensor out);
 
 // elementwise.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor delta, torch::Tensor weight, double eps);
-torch::Tensor silu_mul(torch::Tensor gate_up);
 torch::Tensor add_rms_norm_out(torch::Tensor x, torch::Tensor delta, torch::Tensor weight, double eps, torch::Tensor out);
 torch::Tensor silu_mul_out(torch::Tensor gate_up, torch::Tensor out);
 

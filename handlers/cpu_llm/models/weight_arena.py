@@ -98,19 +98,29 @@ def _inside(ranges: list[tuple[int, int]], address: int) -> bool:
 
 def huge_page_bytes(tensor: torch.Tensor) -> int:
     """Bytes of the mapping holding `tensor` that sit on huge pages (AnonHugePages in smaps)."""
-    address, mapping = tensor.data_ptr(), None
+    huge = smaps_fields(tensor.data_ptr()).get("AnonHugePages", "0 kB")
+    return int(huge.split()[0]) * 1024
+
+
+def smaps_fields(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping holding `address` ("range": its start-end, in
+    hex); empty where there is none or smaps cannot be read."""
+    fields: dict[str, str] = {}
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
-        return 0
+        return fields
     for line in lines:
         head = line.split(maxsplit=1)[0]
-        if "-" in head and ":" not in head:
+        if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+            if fields:
+                break
             start, end = (int(a, 16) for a in head.split("-"))
-            mapping = start <= address < end
-        elif mapping and head == "AnonHugePages:":
-            return int(line.split()[1]) * 1024
-    return 0
+            if start <= address < end:
+                fields["range"] = head
+        elif fields:
+            fields[head.rstrip(":")] = line.split(maxsplit=1)[1].strip()
+    return fields
 
 
 def _storages_in_order(model: torch.nn.Module) -> dict[int, list[torch.Tensor]]:

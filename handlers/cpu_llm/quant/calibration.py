@@ -52,6 +52,25 @@ def calibration_batches(tokenizer, texts: list[str], num_samples: int, seq_len: 
     return batches
 
 
+def stack_equal_lengths(batches: list[CalibrationBatch]) -> list[CalibrationBatch]:
+    """The samples as one batch per sequence length (all windows but the last are seq_len long)."""
+    lengths = sorted({b.input_ids.shape[1] for b in batches}, reverse=True)
+    groups = [[b for b in batches if b.input_ids.shape[1] == n] for n in lengths]
+    return [CalibrationBatch(*(torch.cat([getattr(b, f) for b in group]) for f in
+                               ("input_ids", "attention_mask", "position_ids"))) for group in groups]
+
+
+def pad_into_one(batches: list[CalibrationBatch]) -> CalibrationBatch:
+    """The samples as one batch, right-padded with attention mask 0: under causal attention no
+    real token sees a pad, so each sample's real tokens get what they would alone."""
+    ids = torch.zeros(len(batches), max(b.input_ids.shape[1] for b in batches), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, batch in enumerate(batches):
+        ids[row, :batch.input_ids.shape[1]] = batch.input_ids[0]
+        mask[row, :batch.input_ids.shape[1]] = 1
+    return CalibrationBatch(ids, mask, torch.arange(ids.shape[1]).expand_as(ids))
+
+
 def alpha_candidates(alpha: float | str, low: float, high: float, step: float) -> list[float]:
     if alpha != "auto":
         return [float(alpha)]

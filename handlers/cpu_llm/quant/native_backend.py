@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import native_smoothquant as smoothquant
+from . import native_smoothquant as smoothquant, streamed_calibration
 from .. import ops
 from .calibration import CalibrationBatch, alpha_candidates
 from ..errors import ConfigError, QuantizationError
-from ..loader import Checkpoint, LinearConverter, Transform
+from ..loader import Checkpoint, LinearConverter, QuantizedLoad, Transform
 from .quant_config import SECTION, QuantizationConfig, WoqConfig
 from .quantized_linear import (FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
                                replace_linears, set_module)
@@ -144,6 +144,26 @@ def smoothing_while_loading(path: Path) -> Callable[[torch.nn.Module, Checkpoint
     """The streaming loader's transform for the calibration at `path` (see native_smoothquant)."""
     act_max, alpha = read_calibration(path)
     return lambda model, checkpoint: smoothquant.smoothing_while_loading(model, checkpoint, act_max, alpha)
+
+
+def calibrate_streaming(source: str, q: QuantizationConfig, batches: list[CalibrationBatch], path: Path) -> float | None:
+    """A first SmoothQuant calibration without the fp32 model in memory, saved to `path`: the
+    activation maxima one fp32 layer at a time; with several alphas, each candidate is the model
+    we serve, scored one quantized layer at a time (streamed_calibration). The alpha chosen, or
+    None where the checkpoint cannot stream (then the caller calibrates the fp32 model in memory)."""
+    act_max = streamed_calibration.activation_maxima(source, batches)
+    if act_max is None:
+        return None
+
+    def loss_of(alpha: float) -> float:
+        load = QuantizedLoad.open(source, lambda head: linear_converter(q, head), HEAD_SPEC, head_layer(q),
+                                  q.keep_full_precision,
+                                  lambda m, checkpoint: smoothquant.smoothing_while_loading(m, checkpoint, act_max, alpha))
+        return streamed_calibration.calibration_loss(load, batches)
+
+    sq = q.smoothquant
+    alphas = alpha_candidates(sq.alpha, sq.alpha_min, sq.alpha_max, sq.alpha_step)
+    return smoothquant.choose_and_save(act_max, alphas, loss_of, path, len(batches))[1]
 
 
 def optimize(model: torch.nn.Module, q: QuantizationConfig,

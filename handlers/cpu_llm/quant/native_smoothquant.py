@@ -12,8 +12,9 @@ The calibration result (per-channel activation maxima and the alpha chosen) is a
 cached like IPEX's qconfig summary, so a restart does not calibrate again. With it, the model is
 smoothed while it streams from the checkpoint (`smoothing_while_loading`): every factor depends
 only on the activation maxima and the original weights, and each tensor read gets the value
-`apply_smoothing` would give it, so no fp32 model is ever held. Only calibrating itself runs
-the fp32 model.
+`apply_smoothing` would give it, so no fp32 model is ever held. A first calibration runs the
+fp32 model one decoder layer at a time (streamed_calibration.py); `calibrate` here is the
+in-memory fallback for checkpoints that cannot stream.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .calibration import CalibrationBatch, calibration_loss
+from .calibration import CalibrationBatch, calibration_loss, stack_equal_lengths
 from ..errors import QuantizationError
 
 if TYPE_CHECKING:
@@ -75,7 +76,9 @@ def _forward(model: torch.nn.Module, batch: CalibrationBatch) -> torch.Tensor:
 
 @torch.inference_mode()
 def collect_activation_maxima(model: torch.nn.Module, batches: list[CalibrationBatch]) -> dict[str, torch.Tensor]:
-    """Per-channel max |input| of each group's linears over every calibration token."""
+    """Per-channel max |input| of each group's linears over every calibration token. Runs the
+    decoder without its LM head (the logits are not needed), samples of one length as one batch
+    (a layer streamed from the checkpoint is then read once per length, not once per sample)."""
     maxima: dict[str, torch.Tensor] = {}
     hooks = []
     for source, targets in smoothing_groups(model):
@@ -84,8 +87,8 @@ def collect_activation_maxima(model: torch.nn.Module, batches: list[CalibrationB
             maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
         hooks.append(model.get_submodule(targets[0]).register_forward_pre_hook(record))
     try:
-        for batch in batches:
-            _forward(model, batch)
+        for batch in stack_equal_lengths(batches):
+            _forward(model.model, batch)
     finally:
         for hook in hooks:
             hook.remove()
@@ -102,6 +105,17 @@ def factors_from_maxima(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float
     return s.clamp(min=1e-5)
 
 
+def norms_fold(model: torch.nn.Module) -> bool:
+    """Whether the model's norms are known to absorb the factors, so that smoothing can be folded
+    without the fp32 model to check it on (check_smoothing_is_exact); logged where not."""
+    producers = [model.get_submodule(source) for source, _ in smoothing_groups(model)]
+    norms = {type(p).__name__ for p in producers if not isinstance(p, torch.nn.Linear)}  # as apply_smoothing tells
+    fold = norms <= set(FOLDABLE_NORMS)
+    if not fold:
+        logger.info("SmoothQuant: %s may not fold the smoothing factors; smoothing the fp32 model", sorted(norms))
+    return fold
+
+
 def smoothing_while_loading(model: torch.nn.Module, checkpoint: "Checkpoint", act_max: dict[str, torch.Tensor],
                             alpha: float, rows_per_read: int = 1024) -> "Transform | None":
     """For `model` built on the meta device and its `checkpoint`: the transform giving each
@@ -109,10 +123,7 @@ def smoothing_while_loading(model: torch.nn.Module, checkpoint: "Checkpoint", ac
     norm's weight / s, in that order). None where the norms are not known to fold. Reads the
     targets once beforehand, `rows_per_read` rows at a time, for their column maxima."""
     groups = smoothing_groups(model)
-    producers = [model.get_submodule(source) for source, _ in groups]
-    norms = {type(p).__name__ for p in producers if not isinstance(p, torch.nn.Linear)}  # as apply_smoothing tells
-    if not norms <= set(FOLDABLE_NORMS):
-        logger.info("SmoothQuant: %s may not fold the smoothing factors; smoothing the fp32 model", sorted(norms))
+    if not norms_fold(model):
         return None
     columns: dict[str, torch.Tensor] = {}  # weight key -> s its columns are multiplied by
     divided: dict[str, torch.Tensor] = {}  # norm weight, up_proj weight rows and bias -> s they are divided by
@@ -196,22 +207,33 @@ def load_calibration(path: Path) -> tuple[dict[str, torch.Tensor], float]:
 
 def calibrate(model: torch.nn.Module, batches: list[CalibrationBatch], alphas: list[float],
               quantize: Callable[[torch.nn.Module], None], path: Path) -> tuple[dict[str, torch.Tensor], float]:
-    """Collect activation maxima; with several alphas keep the one whose quantized model has
-    the lowest loss on the calibration set. Saves the result to `path` and returns it as saved."""
+    """Calibrate the fp32 model in memory (where the checkpoint cannot be streamed): activation
+    maxima, then, with several alphas, the one whose quantized copy has the lowest calibration loss."""
     act_max = collect_activation_maxima(model, batches)
-    best: tuple[float, float] | None = None
-    for alpha in alphas:
+
+    def smoothed(alpha: float) -> torch.nn.Module:
         candidate = copy.deepcopy(model)
         apply_smoothing(candidate, act_max, alpha)
-        check_smoothing_is_exact(model, candidate, batches[0])
-        if len(alphas) == 1:
-            best = (0.0, alpha)
-            break
+        return candidate
+
+    def loss_of(alpha: float) -> float:
+        candidate = smoothed(alpha)
         quantize(candidate)
-        loss = calibration_loss(candidate, batches, lambda n: None)
-        logger.info("SmoothQuant alpha=%.2f: calibration loss %.4f", alpha, loss)
-        if best is None or loss < best[0]:
-            best = (loss, alpha)
-    save_calibration(path, act_max, best[1])
-    logger.info("SmoothQuant: calibrated with alpha=%.2f on %d samples -> %s", best[1], len(batches), path)
-    return load_calibration(path)  # as saved (rounded): this load serves what every later one will
+        return calibration_loss(candidate, batches, lambda n: None)
+
+    check_smoothing_is_exact(model, smoothed(alphas[0]), batches[0])
+    return choose_and_save(act_max, alphas, loss_of, path, len(batches))
+
+
+def choose_and_save(act_max: dict[str, torch.Tensor], alphas: list[float], loss_of: Callable[[float], float],
+                    path: Path, samples: int) -> tuple[dict[str, torch.Tensor], float]:
+    """The alpha with the lowest `loss_of` (no search for one alpha), saved to `path` with the
+    maxima; returned as saved (rounded): what this load serves is what every later one will."""
+    losses = {}
+    for alpha in alphas if len(alphas) > 1 else []:
+        losses[alpha] = loss_of(alpha)
+        logger.info("SmoothQuant alpha=%.2f: calibration loss %.4f", alpha, losses[alpha])
+    best = min(losses, key=losses.get) if losses else alphas[0]
+    save_calibration(path, act_max, best)
+    logger.info("SmoothQuant: calibrated with alpha=%.2f on %d samples -> %s", best, samples, path)
+    return load_calibration(path)

@@ -6,8 +6,10 @@ the one that is faster on this CPU (resolve_backend). Quantization that silently
 (IPEX falls back to the original model for architectures it does not know) fails the load,
 unless `fallback_to_unquantized: true` says to serve fp32 -- and then it is logged as a warning.
 
-`load_for_serving` is the entry point: native WoQ is quantized while the checkpoint is read
-(loader.py), so the fp32 model is never held; every other mode loads fp32 and quantizes it.
+`load_for_serving` is the entry point: native WoQ and SmoothQuant are quantized while the
+checkpoint is read (loader.py; a first SmoothQuant calibration runs one fp32 layer at a time,
+streamed_calibration.py), so the fp32 model is never held; every other mode, and a checkpoint
+that cannot stream, loads fp32 and quantizes it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Callable
 import psutil
 import torch
 
-from .calibration import calibration_batches, read_texts
+from .calibration import CalibrationBatch, calibration_batches, read_texts
 from ..errors import ConfigError, QuantizationError
 from ..engine.generation import GenerationResult, Sequence, TokenizerInfo, generate_batch
 from ..loader import release_freed_memory
@@ -186,23 +188,34 @@ def smoothquant_summary_path(q: QuantizationConfig, backend: str, model_source: 
     return cache / "smoothquant" / f"{prefix}{digest.hexdigest()[:16]}.json"
 
 
+def smoothquant_batches(tokenizer, q: QuantizationConfig, calibration: Path) -> list[CalibrationBatch]:
+    """The calibration samples `q.smoothquant` asks for, from the JSONL file `calibration`."""
+    texts = read_texts(calibration, f"{SECTION}.smoothquant.calibration_data")
+    return calibration_batches(tokenizer, texts, q.smoothquant.num_samples, q.smoothquant.seq_len)
+
+
 def load_for_serving(source: str, q: QuantizationConfig, model_dir: str,
                      continuous_batching: bool = False) -> tuple[ServedModel, TokenizerInfo]:
     """Load the model at `source` and make it the model we serve, as `q` asks."""
     backend = resolve_backend(q, continuous_batching)
-    summary = None
+    summary, info = None, None
+    process = psutil.Process(os.getpid())
+    rss_before, started = process.memory_info().rss, time.perf_counter()
     if backend == "native" and q.method == "smoothquant":
-        summary = smoothquant_summary_path(q, backend, source, model_dir,
-                                           Path(model_dir) / q.smoothquant.calibration_data)
-    # WoQ, and SmoothQuant once calibrated, quantize while reading the checkpoint; calibrating
-    # runs the fp32 model, so a first SmoothQuant load holds it (later ones find the calibration).
+        calibration = Path(model_dir) / q.smoothquant.calibration_data
+        summary = smoothquant_summary_path(q, backend, source, model_dir, calibration)
+        if not summary.is_file():  # a first load: calibrate one fp32 layer at a time where it can
+            from .native_backend import calibrate_streaming
+
+            info = load_tokenizer_info(source)
+            calibrate_streaming(source, q, smoothquant_batches(info.tokenizer, q, calibration), summary)
+    # WoQ, and SmoothQuant once calibrated, quantize while reading the checkpoint; a checkpoint
+    # that cannot stream loads fp32 and is quantized (and calibrated) in memory.
     if backend == "native" and (q.method == "woq" or (summary is not None and summary.is_file())):
         from .. import loader
         from . import native_backend
 
-        process = psutil.Process(os.getpid())
-        rss_before, started = process.memory_info().rss, time.perf_counter()
-        info = load_tokenizer_info(source)
+        info = info or load_tokenizer_info(source)
         model = loader.load_quantized(source, lambda head: native_backend.linear_converter(q, head),
                                       native_backend.HEAD_SPEC, native_backend.head_layer(q), q.keep_full_precision,
                                       None if summary is None else native_backend.smoothing_while_loading(summary))
@@ -229,12 +242,10 @@ def prepare_for_serving(model: torch.nn.Module, tokenizer, q: QuantizationConfig
             raise ConfigError(f"{SECTION}.keep_full_precision", "IPEX SmoothQuant quantizes every linear "
                               "operation, wrapped or not; set keep_full_precision: [] for smoothquant")
         keep_full_precision(model, q.keep_full_precision)
-    key = f"{SECTION}.smoothquant.calibration_data"
     calibration = Path(model_dir) / q.smoothquant.calibration_data
     summary = (smoothquant_summary_path(q, backend, model_source, model_dir, calibration)
                if q.method == "smoothquant" else None)
-    batches = lambda: calibration_batches(tokenizer, read_texts(calibration, key),  # noqa: E731
-                                          q.smoothquant.num_samples, q.smoothquant.seq_len)
+    batches = lambda: smoothquant_batches(tokenizer, q, calibration)  # noqa: E731 - only when calibrating
     if backend == "ipex":
         from . import ipex_backend
 
