@@ -69,6 +69,15 @@ def test_fp32_matvec_matches_torch(isa, n, k, rows):
     torch.testing.assert_close(ops.linear_f32(x, w, bias), x @ w.T + bias, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k", [(1, 100), (7, 100), (64, 2048)])
+def test_fp32_rows_are_bitwise_independent_of_their_batch(isa, n, k):
+    """A row of x gets the same sums alone and among 8 (fp32 decode rows in continuous batching)."""
+    w, batch = torch.randn(n, k), torch.randn(8, k)
+    together = ops.linear_f32(batch, w, None)
+    for row in range(8):
+        assert torch.equal(ops.linear_f32(batch[row:row + 1], w, None)[0], together[row])
+
+
 def test_each_row_is_bitwise_independent_of_its_batch(isa):
     packed = kernel_weights(quantize(_weight(40, 128), SPECS[3]))
     batch = torch.randn(9, 128) * torch.logspace(-2, 2, 9)[:, None]
