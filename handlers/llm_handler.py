@@ -32,7 +32,7 @@ from cpu_llm.engine.generation import Sequence
 from cpu_llm.model import encode_prompt, max_positions, resolve_model_source
 from cpu_llm.quant.quantize import load_for_serving
 from cpu_llm.quant.quantized_linear import parameter_count
-from cpu_llm.api.request import RequestError
+from cpu_llm.api.request import RequestError, request_body
 from cpu_llm.api.responses import Reply
 from cpu_llm.api.routes import Api, Router
 from cpu_llm.runner.model_runner import attach_runner
@@ -86,10 +86,10 @@ class LLMHandler(BaseHandler):
                   for idx in range(len(data))]
         if self.drain.draining():  # graceful shutdown (shutdown.py): finish what runs, start nothing new
             routes = [replace(route.error(SHUTTING_DOWN), headers=(("Retry-After", str(RETRY_AFTER_S)),))
-                      if _body_of(row) is not None and not isinstance(route, Reply) else route
+                      if row and not isinstance(route, Reply) else route
                       for route, row in zip(routes, data)]
         if self.session is not None:
-            replies = self.session.handle([(context.request_ids[idx], _body_of(row), routes[idx])
+            replies = self.session.handle([(context.request_ids[idx], row, routes[idx])
                                            for idx, row in enumerate(data)])
             self.drain.report(self.session.engine.in_flight)
             # True ends the HTTP response, False sends a chunk, None a complete response (see continuous.py).
@@ -114,10 +114,7 @@ class LLMHandler(BaseHandler):
         apis: dict[int, Api] = {idx: route for idx, route in enumerate(routes) if not isinstance(route, Reply)}
         for idx, api in apis.items():
             try:
-                body = _body_of(data[idx])
-                if body is None:
-                    raise RequestError("body", "is missing; send a JSON object with Content-Type: application/json")
-                request = api.parse(body, self.config)
+                request = api.parse(request_body(data[idx]), self.config)
                 ids = encode_prompt(self.tokenizer_info.tokenizer, request, self.config.max_prompt_tokens)
                 valid[idx] = Sequence.start(request, ids, arrived)
             except RequestError as error:
@@ -147,11 +144,3 @@ class LLMHandler(BaseHandler):
             replies[idx] = apis[idx].finished(seq, streams.get(idx), self.tokenizer_info)
         return replies
 
-
-def _body_of(row: dict[str, Any]) -> Any:
-    """The request body: TorchServe puts it under "body" (or "data" for form uploads). None when
-    there is none, which under continuous batching means a request that is already running."""
-    for key in ("body", "data"):
-        if key in row:
-            return row[key]
-    return None

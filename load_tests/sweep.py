@@ -8,7 +8,7 @@ at each level of `--concurrency` (and `PoissonArrivals` at each `--arrival-rates
 saturated client is visible rather than mistaken for a slow server.
 
     python load_tests/sweep.py                                  # configs/continuous.yaml, 1,2,4,8 users
-    python load_tests/sweep.py --config configs/model-config.yaml --config configs/continuous.yaml
+    python load_tests/sweep.py --config configs/fp32.yaml --config configs/continuous.yaml
     python load_tests/sweep.py --host http://10.0.0.5:8080 --model smollm2 --concurrency 1,4,16
 
 With `--api openai` every target is measured through the OpenAI API (`/v1/completions`), and

@@ -50,7 +50,7 @@ from evaluate import (TEXT, bytes_read_per_step, evaluate_all, framework_overhea
 
 PEER = ROOT.parent / "shared" / "peer"
 MODES = [  # (our config, the llama.cpp format it is compared with)
-    ("configs/model-config.yaml", "F32"), ("configs/woq-int8.yaml", "Q8_0"),
+    ("configs/fp32.yaml", "F32"), ("configs/woq-int8.yaml", "Q8_0"),
     ("configs/woq-int4.yaml", "Q4_0"), ("configs/smoothquant.yaml", "Q8_0"),
 ]
 SHAPE_1B = "llama-1b-shape"  # hidden 2048, 16 layers, FFN 8192, GQA 32/8, tied: 1.07B parameters

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from cpu_llm.config import parse_serving_config  # noqa: E402
 from evaluate import serve_like_the_worker  # noqa: E402
 
-CONFIGS = ["model-config.yaml", "woq-int8.yaml", "woq-int4.yaml", "smoothquant.yaml"]
+CONFIGS = ["fp32.yaml", "woq-int8.yaml", "woq-int4.yaml", "smoothquant.yaml"]
 
 
 def step_times(runner, steps: int, prompt_len: int = 32) -> dict[bool, list[float]]:

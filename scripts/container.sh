@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Build, run and smoke-test the serving image with podman or docker (whichever is present).
 #   bash scripts/container.sh base                # localhost/debian-base:bookworm via debootstrap (no registry needed)
-#   bash scripts/container.sh build [ipex|native] # image torchserve-llm-cpu:<stack>
-#   bash scripts/container.sh run   [ipex|native] # serve on 127.0.0.1:${PORT:-8080} (metrics ${METRICS_PORT:-8082})
-#   bash scripts/container.sh smoke [ipex|native] # build, run, wait for READY, generate, bad request -> 400, stop
+#   bash scripts/container.sh build [native|ipex] # image torchserve-llm-cpu:<stack> (native by default)
+#   bash scripts/container.sh run   [native|ipex] # serve on 127.0.0.1:${PORT:-8080} (metrics ${METRICS_PORT:-8082})
+#   bash scripts/container.sh smoke [native|ipex] # build, run, wait for READY, generate, bad request -> 400, stop
 # Environment: BASE_IMAGE (default: localhost/debian-base:bookworm when it exists, else
 # debian:bookworm-slim), MODEL_CONFIG (a path inside the image, e.g. /app/configs/continuous.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command="${1:-smoke}"
-stack="${2:-ipex}"
+stack="${2:-native}"
 image="torchserve-llm-cpu:${stack}"
 
 if command -v podman >/dev/null; then
@@ -86,7 +86,7 @@ smoke() {
   key=$($engine exec "$name" python -c "import json; print(json.load(open('/home/serve/key_file.json'))['inference']['key'])")
   url="http://127.0.0.1:$port/predictions/smollm2"
   body=$(curl -sf "$url" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
-         -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_new_tokens": 16}')
+         -d '{"messages": [{"role": "user", "content": "Which city is the capital of France?"}], "max_new_tokens": 16}')
   echo "container: generated $body"
   python3 -c 'import json,sys; b=json.loads(sys.argv[1]); assert "Paris" in b["text"], b' "$body"
   status=$(curl -s -o /tmp/smoke-400.json -w '%{http_code}' "$url" -H "Authorization: Bearer $key" \

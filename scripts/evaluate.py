@@ -9,7 +9,7 @@ fp32 model's, up to the first difference), process RSS and the size of the serve
 With --speed, also prefill and decode tokens/s at batch 1 and 8 (greedy, the server's own
 prefill/decode functions, as many threads as the config's num_threads gives the server).
 
-    python scripts/evaluate.py configs/model-config.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
+    python scripts/evaluate.py configs/fp32.yaml configs/woq-int8.yaml configs/woq-int4.yaml configs/smoothquant.yaml
     python scripts/evaluate.py --speed --backend native configs/...   # make bench
     python scripts/evaluate.py --text eval/heldout.txt configs/...     # the short text (tests)
 

@@ -220,12 +220,12 @@ def stop_command() -> str:
     venv = Path(sys.prefix)
     if venv.parent != ROOT / ".venv":
         return "python scripts/serve.py stop"
-    return "make stop" if venv.name == "ipex" else f"make stop STACK={venv.name}"
+    return "make stop" if venv.name == "native" else f"make stop STACK={venv.name}"
 
 
 def next_steps(inference: str, model: str, log_dir: Path, token_auth: bool) -> str:
     """What to do once the server is up (printed at the end of `make serve`): try, read logs, stop."""
-    body = json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+    body = json.dumps({"messages": [{"role": "user", "content": "Which city is the capital of France?"}],
                        "max_new_tokens": 32})
     auth = ' -H "Authorization: Bearer <inference key in key_file.json>"' if token_auth else ""
     return "\n".join([
@@ -255,18 +255,22 @@ def main() -> None:
         if cut:
             print(f"serve: the grace period ended: {cut} request(s) were cut", file=sys.stderr)
         return
+    start_and_report(args.ts_config, args.model_store, args.models, args.log_dir, args.timeout)
+
+
+def start_and_report(ts_config: Path, model_store: Path, models: list[str], log_dir: Path, timeout: float) -> None:
+    """`start`, then print how long READY took and the next steps; exit with the reason on failure."""
     started = time.monotonic()
     try:
-        start(args.ts_config, args.model_store, args.models, args.log_dir, args.timeout)
+        start(ts_config, model_store, models, log_dir, timeout)
     except StartError as error:
         sys.exit(f"serve: {error}")
-    props = read_properties(args.ts_config)
+    props = read_properties(ts_config)
     inference = endpoints(props)["inference"]
-    print(f"READY after {time.monotonic() - started:.1f} s: {', '.join(model_names(args.models))} at "
+    print(f"READY after {time.monotonic() - started:.1f} s: {', '.join(model_names(models))} at "
           f"{inference}/predictions/<model>")
-    print(next_steps(inference, model_names(args.models)[0], args.log_dir,
+    print(next_steps(inference, model_names(models)[0], log_dir,
                      token_auth=props.get("disable_token_authorization") != "true"))
-
 
 if __name__ == "__main__":
     main()

@@ -5,14 +5,15 @@ wheels); PyTorch's CPU index serves `torch==X+cpu`, which satisfies the locks' e
 pins and carries no CUDA libraries. The index is probed once, with a short timeout, so a host
 without it (offline, or only PyPI reachable) falls back to PyPI at once and says so.
 
-The locks were frozen from PyPI's CUDA torch, so they pin its nvidia-*/triton dependencies. Those
-pins are left out of the requirements written here: with the CPU wheel they are not needed, and on
-a fallback to PyPI's torch pip adds them back itself, at the versions that torch pins.
+torch is therefore pinned in requirements/<stack>.in, not in the hashed locks (scripts/lock.py):
+the two indexes serve different files. It is installed first, with its dependencies (on a
+fallback to PyPI's torch, pip adds its CUDA libraries, at the versions that torch pins); the
+locks follow with `--require-hashes --no-deps`.
 
 Used by scripts/install.sh and the Dockerfile:
 
-    pip_options=$(python3 scripts/torch_index.py requirements/ipex.lock /tmp/requirements.txt)
-    pip install $pip_options -r /tmp/requirements.txt
+    pip_options=$(python3 scripts/torch_index.py requirements/native.in /tmp/torch.txt)
+    pip install $pip_options -r /tmp/torch.txt
 
 stdout: the pip options ("--extra-index-url URL", or nothing); stderr: which index was chosen.
 TORCH_INDEX_URL overrides the index; set it empty to use PyPI without probing.
@@ -30,8 +31,6 @@ from pathlib import Path
 
 DEFAULT_INDEX = "https://download.pytorch.org/whl/cpu"
 PROBE_TIMEOUT_S = 5.0
-# Dependencies of PyPI's CUDA torch only: the CPU wheel does not need them.
-CUDA_ONLY_PREFIXES = ("nvidia-", "triton==")
 
 
 def probe(index_url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
@@ -56,20 +55,22 @@ def choose_index(index_url: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[list
                 "configured indexes (on Linux PyPI's torch is the CUDA build: several GB more to download)")
 
 
-def cpu_requirements(lock_text: str) -> str:
-    """The lock without the pins that only PyPI's CUDA torch needs."""
-    lines = lock_text.splitlines(keepends=True)
-    return "".join(line for line in lines if not line.lower().startswith(CUDA_ONLY_PREFIXES))
+def torch_requirement(stack_in: str) -> str:
+    """The torch pin of requirements/<stack>.in, as a requirements file."""
+    pins = [line.strip() for line in stack_in.splitlines() if line.strip().startswith("torch==")]
+    if len(pins) != 1:
+        raise SystemExit(f"torch_index: expected one torch==X line in the stack's .in file, found {len(pins)}")
+    return pins[0] + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("lock", type=Path, help="requirements/<stack>.lock")
-    parser.add_argument("out", type=Path, help="where to write the requirements for pip")
+    parser.add_argument("stack_in", type=Path, help="requirements/<stack>.in (its torch==X pin)")
+    parser.add_argument("out", type=Path, help="where to write torch's requirement for pip")
     parser.add_argument("--index-url", default=os.environ.get("TORCH_INDEX_URL", DEFAULT_INDEX))
     parser.add_argument("--timeout", type=float, default=PROBE_TIMEOUT_S, help="seconds for the probe")
     args = parser.parse_args()
-    args.out.write_text(cpu_requirements(args.lock.read_text()))
+    args.out.write_text(torch_requirement(args.stack_in.read_text()))
     options, message = choose_index(args.index_url, args.timeout)
     print(message, file=sys.stderr)
     print(" ".join(options))

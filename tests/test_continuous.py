@@ -1,7 +1,7 @@
 """Continuous batching in-process on the real SmolLM2, driven the way TorchServe drives it.
 
 `Frontend` plays TorchServe's continuousBatching frontend: every call carries all in-flight
-requests (new ones with a body, running ones with None), replies are appended to each client's
+requests (new ones with their parameters, {"body": ...}, running ones with none), replies are appended to each client's
 response, a final reply ends it, and a disconnected client is no longer sent.
 """
 
@@ -38,14 +38,19 @@ class Frontend:
         self.calls = 0
 
     def submit(self, rid: str, body: dict | bytes | None, route: Api | Reply = NATIVE) -> None:
+        self.submit_row(rid, {} if body is None else {"body": body if isinstance(body, bytes) else json.dumps(body).encode()},
+                        route)
+
+    def submit_row(self, rid: str, row: dict, route: Api | Reply = NATIVE) -> None:
+        """A new request as TorchServe's parameters for it: a form body is one entry per field, an empty one none."""
         self.routes[rid] = route
-        self.queued.append((rid, body if body is None or isinstance(body, bytes) else json.dumps(body).encode(), route))
+        self.queued.append((rid, row, route))
 
     def disconnect(self, rid: str) -> None:
         self.running.remove(rid)
 
     def call(self) -> None:
-        batch = [(rid, None, self.routes[rid]) for rid in self.running] + self.queued
+        batch = [(rid, {}, self.routes[rid]) for rid in self.running] + self.queued
         self.running += [rid for rid, _, _ in self.queued]
         self.queued = []
         replies = self.session.handle(batch)
@@ -183,6 +188,30 @@ def test_bad_request_gets_its_status_first_and_its_body_next(frontend):
     assert frontend.json("bad")["error"]["field"] == "max_new_tokens"
     assert frontend.json("junk")["error"]["field"] == "body"
     assert frontend.status["good"] == 200 and frontend.json("good")["completion_tokens"] == 5
+
+
+def test_form_fields_and_empty_bodies_get_a_400_that_says_what_to_send(frontend):
+    frontend.submit_row("form", {"prompt": b"hello"})
+    frontend.submit_row("empty", {})
+    frontend.submit("good", {"prompt": "Hello", "max_new_tokens": 3})
+    frontend.run_until_idle()
+    assert frontend.status["form"] == frontend.status["empty"] == 400
+    assert frontend.json("form")["error"]["field"] == frontend.json("empty")["error"]["field"] == "body"
+    assert "form fields (prompt)" in frontend.json("form")["error"]["message"]
+    assert "application/json" in frontend.json("empty")["error"]["message"]
+    assert frontend.status["good"] == 200 and frontend.json("good")["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("steps_per_call_ms,last_call", [(0, 8), (60_000, 2)])
+def test_one_call_keeps_stepping_for_steps_per_call_ms(loaded, make_engine, steps_per_call_ms, last_call):
+    """0: one token per call (the prompt's step gives the first, so the 8th ends call 8);
+    a long budget: every token in the first call, whose final reply goes out on the next."""
+    config = ServingConfig(max_new_tokens=64, steps_per_call_ms=steps_per_call_ms)
+    frontend = Frontend(ContinuousSession(make_engine(), config, loaded[1]))
+    frontend.submit("r", {"prompt": "Hello", "max_new_tokens": 8, "ignore_eos": True, "stream": True})
+    frontend.run_until_idle()
+    assert frontend.done["r"] == last_call
+    assert frontend.lines("r")[-1]["completion_tokens"] == 8
 
 
 def test_request_over_its_time_limit_ends_with_timeout(loaded, make_engine):

@@ -3,6 +3,11 @@ instruction set this host can run, odd shapes included; their shape checks."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -208,3 +213,22 @@ def test_ops_trace_into_compiled_graphs_through_their_fake_kernels():
     graph = make_fx(fn, tracing_mode="fake")(*args)
     assert "cpu_llm.qlinear" in graph.code and "cpu_llm.linear_f32" in graph.code
     torch.testing.assert_close(graph(*args), fn(*args))
+
+
+def _import_ops_with(isa: str) -> subprocess.CompletedProcess:
+    code = "from cpu_llm import ops; print(ops.current_isa(), ops.supported_isas(), ops.kernel_status())"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, ops.ISA_ENV: isa},
+                          cwd=Path(__file__).resolve().parents[1] / "handlers", capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif("avx2" not in ops.supported_isas(), reason="the kernels do not run on this CPU")
+def test_cpu_llm_isa_forces_avx2_on_every_cpu_that_has_it():
+    result = _import_ops_with("AVX2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "avx2" and "['avx2']" in result.stdout and "forced by CPU_LLM_ISA" in result.stdout
+
+
+def test_cpu_llm_isa_this_cpu_cannot_run_is_an_error_naming_the_variable():
+    result = _import_ops_with("sse9")
+    assert result.returncode != 0
+    assert "environment: CPU_LLM_ISA: 'sse9' is not an instruction set" in result.stderr

@@ -27,9 +27,9 @@ def test_next_steps_name_the_key_when_token_authorization_is_on():
 
 
 def test_stop_command_names_the_stack_of_the_venv(monkeypatch):
-    monkeypatch.setattr(serve.sys, "prefix", str(serve.ROOT / ".venv" / "native"))
-    assert serve.stop_command() == "make stop STACK=native"
     monkeypatch.setattr(serve.sys, "prefix", str(serve.ROOT / ".venv" / "ipex"))
+    assert serve.stop_command() == "make stop STACK=ipex"
+    monkeypatch.setattr(serve.sys, "prefix", str(serve.ROOT / ".venv" / "native"))
     assert serve.stop_command() == "make stop"
     monkeypatch.setattr(serve.sys, "prefix", "/usr")
     assert serve.stop_command() == "python scripts/serve.py stop"

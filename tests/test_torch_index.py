@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from torch_index import choose_index, cpu_requirements
+from torch_index import choose_index, torch_requirement
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: nothing listens there
@@ -60,19 +60,21 @@ def test_empty_index_url_means_pypi_without_probing():
     assert choose_index("") == ([], "torch: TORCH_INDEX_URL is empty: torch comes from PyPI")
 
 
-def test_cuda_only_pins_are_left_out_and_the_rest_stays_exact():
-    lock = "# frozen\nnumpy==2.2.6\nnvidia-cublas-cu12==12.8.4.1\ntorch==2.8.0\ntriton==3.4.0\n"
-    assert cpu_requirements(lock) == "# frozen\nnumpy==2.2.6\ntorch==2.8.0\n"
+def test_only_the_torch_pin_of_the_stack_is_kept():
+    stack_in = "# IPEX stack\ntorch==2.8.0\nintel-extension-for-pytorch==2.8.0\ntransformers==4.51.3\n"
+    assert torch_requirement(stack_in) == "torch==2.8.0\n"
+    with pytest.raises(SystemExit, match="one torch==X line"):
+        torch_requirement("transformers==4.51.3\n")
 
 
 def test_command_line_as_install_sh_runs_it(tmp_path):
     """stdout carries only pip's options, stderr the message; the requirements file is written."""
     out = tmp_path / "requirements.txt"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "torch_index.py"), str(ROOT / "requirements" / "ipex.lock"),
+        [sys.executable, str(ROOT / "scripts" / "torch_index.py"), str(ROOT / "requirements" / "ipex.in"),
          str(out), "--index-url", UNREACHABLE],
         capture_output=True, text=True, timeout=30, check=True)
     assert result.stdout.strip() == ""
     assert "torch comes from PyPI" in result.stderr
     requirements = out.read_text()
-    assert "torch==2.8.0\n" in requirements and "nvidia-" not in requirements
+    assert requirements == "torch==2.8.0\n"

@@ -68,6 +68,9 @@ class ServingConfig:
     runner: str = "auto"
     # Our runner prefills at most this many prompt tokens per step, beside the running decodes.
     prefill_chunk_tokens: int = 256
+    # Continuous batching: one handle() call keeps stepping for up to this many ms (until a request
+    # finishes), so TorchServe's round trip per call is paid once per several tokens; 0 = one step.
+    steps_per_call_ms: int = 50
     # The top-level `quantization:` section (see quant_config.py).
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     # TorchServe's top-level `continuousBatching` key: requests join and leave a running batch.
@@ -129,6 +132,7 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
     for key in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences",
                 "request_timeout_s", "prefill_chunk_tokens"):
         _positive_int(f"{HANDLER_SECTION}.{key}", values[key])
+    _positive_int(f"{HANDLER_SECTION}.steps_per_call_ms", values["steps_per_call_ms"], minimum=0)
     if values["default_max_new_tokens"] > values["max_new_tokens"]:
         raise ConfigError(
             f"{HANDLER_SECTION}.default_max_new_tokens",

@@ -2,10 +2,11 @@
 
 
 class ConfigError(ValueError):
-    """A model-config.yaml problem; the message always starts with the offending key."""
+    """A setting's problem; the message always starts with where it is set and the offending key
+    (model-config.yaml, or "environment" for an environment variable)."""
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"model-config.yaml: {key}: {problem}")
+    def __init__(self, key: str, problem: str, source: str = "model-config.yaml") -> None:
+        super().__init__(f"{source}: {key}: {problem}")
         self.key = key
 
 

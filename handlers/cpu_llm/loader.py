@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from .model import FP32
+from .progress import Progress
 from .quant.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear, set_module
 from .quant.quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
@@ -84,6 +85,7 @@ class Checkpoint:
         files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
                  if index.is_file() else [folder / "model.safetensors"] if (folder / "model.safetensors").is_file()
                  else [])
+        self.folder = folder
         self._entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
         for path in files:
             with open(path, "rb") as f:
@@ -231,10 +233,10 @@ class QuantizedLoad:
         `prefix` and not with `skip`, from the checkpoint."""
         checkpoint, transform = self.checkpoint, self.transform
         wanted = lambda name: name.startswith(prefix) and not (skip and name.startswith(skip))  # noqa: E731
-        for name, module in list(self.model.named_modules()):
-            linear = as_linear(module)
-            if linear is None or f"{name}.weight" in self.done or not wanted(name):
-                continue
+        linears = [(name, module, as_linear(module)) for name, module in list(self.model.named_modules())
+                   if as_linear(module) is not None and f"{name}.weight" not in self.done and wanted(name)]
+        progress = Progress(f"reading and quantizing {checkpoint.folder.name}: linear layers", len(linears))
+        for name, module, linear in linears:
             conv1d = linear is not module  # GPT-2 stores the weight transposed
             key = f"{name}.weight"
             has_bias = f"{name}.bias" in self.names
@@ -251,6 +253,7 @@ class QuantizedLoad:
                 pack = lambda spec, read=read, n=n: quantize_in_slices(read, n, spec)  # noqa: E731
                 set_module(self.model, name, self.convert(name, pack, bias))
             release_freed_memory()
+            progress.step()
 
         for name, param in list(self.model.named_parameters()):
             if param.device.type == "meta" and wanted(name):

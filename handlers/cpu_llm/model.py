@@ -17,7 +17,7 @@ from .config import HANDLER_SECTION, ConfigError
 from .engine.generation import TokenizerInfo
 from .api.request import GenerationRequest, RequestError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The one API difference of the two stacks: the name of the dtype argument when building a model.
 FP32 = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
 
@@ -32,7 +32,7 @@ def resolve_model_source(model_path: str, model_dir: str) -> str:
     inside = os.path.join(model_dir, model_path)
     if os.path.isdir(inside):
         return inside
-    if _HUB_ID.match(model_path):
+    if HUB_ID.match(model_path):
         return model_path  # downloaded by transformers; needs a host with internet access
     raise ConfigError(
         key, f"'{model_path}' is neither a folder in the model archive nor a hub id (org/name)"

@@ -9,12 +9,14 @@ it is what the kernels are tested against, and what serves only when a config op
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .quant.quantlib import PackedWeight
 
 try:
@@ -22,6 +24,28 @@ try:
 except ImportError:  # not built (no compiler at install time, or built for another torch)
     _kernels = None
 
+# CPU_LLM_ISA=avx2 runs the kernels on AVX2 on a CPU that has more, so one machine can serve,
+# test and benchmark every path (the best one the CPU has otherwise).
+ISA_ENV = "CPU_LLM_ISA"
+ISA_ALIASES = {"avx512": "avx512-vnni"}
+
+
+def _forced_isa() -> str | None:
+    """Apply CPU_LLM_ISA once, at import; a name this CPU cannot run is an error that names it."""
+    raw = os.environ.get(ISA_ENV, "").strip().lower()
+    if not raw or _kernels is None:
+        return None
+    wanted = ISA_ALIASES.get(raw, raw)
+    available = list(_kernels.supported_isas())
+    if wanted not in available:
+        raise ConfigError(ISA_ENV, f"{raw!r} is not an instruction set our kernels run on this CPU "
+                          f"(it runs: {', '.join(available) or 'none'}; aliases: {', '.join(ISA_ALIASES)})",
+                          source="environment")
+    _kernels.set_isa(wanted)
+    return wanted
+
+
+FORCED_ISA = _forced_isa()
 
 
 def _op(name: str):
@@ -51,12 +75,15 @@ def kernel_status() -> str:
         return f"reference (cpu_llm_kernels not importable; build them: {BUILD_COMMAND})"
     if not _kernels.supported_isas():
         return "reference (the CPU lacks AVX2/FMA/F16C)"
-    return f"cpu_llm_kernels ({_kernels.isa()})"
+    forced = f", forced by {ISA_ENV}" if FORCED_ISA else ""
+    return f"cpu_llm_kernels ({_kernels.isa()}{forced})"
 
 
 def supported_isas() -> list[str]:
-    """Instruction sets the kernels can run here, best first (tests run each)."""
-    return list(_kernels.supported_isas()) if _kernels is not None else []
+    """Instruction sets the kernels can run here, best first (tests run each); with CPU_LLM_ISA,
+    the forced one and those below it."""
+    isas = list(_kernels.supported_isas()) if _kernels is not None else []
+    return isas[isas.index(FORCED_ISA):] if FORCED_ISA else isas
 
 
 def set_isa(name: str) -> None:

@@ -69,3 +69,38 @@ class _ManagementKey(urllib.request.BaseHandler):
             key = json.loads(self.key_file.read_text())["management"]["key"]
             request.add_header("Authorization", f"Bearer {key}")
         return request
+
+
+# Bodies that are not a JSON object, as clients send them: each must get a 400 naming "body",
+# in both batching modes (requests.post keyword arguments).
+NOT_JSON_BODIES = {
+    "form-encoded": {"data": "prompt=hello", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+    "multipart field": {"files": {"prompt": (None, "hello")}},
+    "multipart file": {"files": {"file": ("prompt.txt", b"hello", "text/plain")}},
+    "empty, JSON type": {"data": b"", "headers": {"Content-Type": "application/json"}},
+    "empty, no type": {"data": b""},
+    "plain text": {"data": "hello", "headers": {"Content-Type": "text/plain"}},
+    "octet-stream": {"data": b"\x00\xffhello", "headers": {"Content-Type": "application/octet-stream"}},
+}
+
+
+def assert_not_json_bodies_get_a_400(url: str, headers: dict[str, str] | None = None, copies: int = 3) -> None:
+    """Send every NOT_JSON_BODIES kind `copies` times at once; each must be answered with a 400 naming the body."""
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(kind: str) -> tuple[str, int, dict]:
+        options = NOT_JSON_BODIES[kind]
+        response = requests.post(url, **{**options, "headers": {**(headers or {}), **options.get("headers", {})}},
+                                 timeout=60)
+        try:
+            error = response.json().get("error", {})
+        except ValueError:
+            error = {"unparsed": response.text[:200]}
+        return kind, response.status_code, error
+
+    kinds = [kind for kind in NOT_JSON_BODIES for _ in range(copies)]
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        answers = list(pool.map(post, kinds))
+    wrong = [(kind, status, error) for kind, status, error in answers if status != 400 or error.get("field") != "body"]
+    assert not wrong, wrong

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from .server import package, running_server
+from .server import assert_not_json_bodies_get_a_400, package, running_server
 
 pytestmark = pytest.mark.integration
 MODEL_CONFIG = {
@@ -54,6 +54,14 @@ def test_streamed_text_arrives_in_pieces_and_adds_up_to_the_plain_response(serve
     assert "".join(line["text"] for line in lines) == plain["text"]
     assert lines[-1]["finish_reason"] == plain["finish_reason"]
     assert lines[-1]["completion_tokens"] == plain["completion_tokens"]
+
+
+def test_form_multipart_and_empty_bodies_each_get_a_400_while_others_are_served(server):
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(predict, server, {"prompt": "The history of the Roman empire", "max_new_tokens": 60})
+        assert_not_json_bodies_get_a_400(f"{server['inference']}/predictions/smollm2")
+        assert running.result().status_code == 200
+    assert predict(server, {"prompt": "Hello", "max_new_tokens": 2}).status_code == 200
 
 
 def test_short_request_joins_a_running_one_and_finishes_first(server):

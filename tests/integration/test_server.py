@@ -12,7 +12,7 @@ from test_request_properties import bodies, raw_bodies
 
 from cpu_llm.api.request import KNOWN_FIELDS
 
-from .server import package, running_server
+from .server import assert_not_json_bodies_get_a_400, package, running_server
 
 pytestmark = pytest.mark.integration
 MODEL_CONFIG = {
@@ -102,11 +102,9 @@ def test_bad_request_gets_400_naming_the_field(server, body, field):
     assert response.json()["error"]["field"] == field
 
 
-def test_non_json_content_type_is_a_clear_400(server):
-    response = requests.post(f"{server['inference']}/predictions/smollm2", data="prompt=hi",
-                             headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
-    assert response.status_code == 400
-    assert response.json()["error"]["field"] == "body"
+def test_form_multipart_and_empty_bodies_each_get_a_400(server):
+    assert_not_json_bodies_get_a_400(f"{server['inference']}/predictions/smollm2")
+    assert predict(server, {"prompt": "Hello", "max_new_tokens": 2}).status_code == 200
 
 
 def test_bad_requests_do_not_spoil_their_batch(server):

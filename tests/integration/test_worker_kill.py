@@ -21,7 +21,8 @@ def test_killing_one_of_two_workers_loses_only_its_own_requests(tmp_path, model_
               "handler": {"num_threads": 1, "max_prompt_tokens": 512, "max_new_tokens": 128}}
     store = package(tmp_path, model_dir, "smollm2", config)
     with running_server(tmp_path, store, ["smollm2=smollm2.mar"]) as urls:
-        result = kill_one_worker(urls, "smollm2", streams=4, before=8, after=25)
+        # Limits, not durations: the kill waits for completed requests, the end for recovery (a slow CPU needs longer).
+        result = kill_one_worker(urls, "smollm2", streams=4, before=300, after=300, progress=True)
     assert result["completed_before"] > 0
     assert result["killed_pid"] not in result["worker_pids_after"] and len(result["worker_pids_after"]) == 2
     assert result["failed"] <= 2, result  # at most the dead worker's batch

@@ -57,6 +57,24 @@ class GenerationRequest:
     ignore_eos: bool = False  # keep generating after end-of-sequence (benchmarks: exact output lengths)
 
 
+JSON_HINT = 'send a JSON object with Content-Type: application/json, such as {"prompt": "Hi"}'
+
+
+def request_body(row: Mapping[str, Any]) -> Any:
+    """The body of a new request from TorchServe's parameters for it, or a RequestError saying what to send.
+
+    TorchServe puts a JSON or raw body under "body" ("data" for some clients). It splits a
+    form-encoded or multipart body into one parameter per field, and an empty body gives no
+    parameter at all. Neither is a JSON object, and each must get a 400, in both batching modes."""
+    for key in ("body", "data"):
+        if key in row:
+            return row[key]
+    if row:
+        fields = ", ".join(sorted(str(name) for name in row)[:5])
+        raise RequestError("body", f"arrived as form fields ({fields}), not JSON: {JSON_HINT}")
+    raise RequestError("body", f"is empty: {JSON_HINT}")
+
+
 def decode_body(body: Any) -> Mapping[str, Any]:
     """TorchServe hands us a dict (already parsed JSON), bytes or str: return a JSON object."""
     if isinstance(body, (bytes, bytearray)):
@@ -66,7 +84,7 @@ def decode_body(body: Any) -> Mapping[str, Any]:
             raise RequestError("body", f"is not valid UTF-8 ({exc.reason})") from None
     if isinstance(body, str):
         if not body.strip():
-            raise RequestError("body", "is empty; send a JSON object such as {\"prompt\": \"Hi\"}")
+            raise RequestError("body", f"is empty: {JSON_HINT}")
         try:
             body = json.loads(body)
         except json.JSONDecodeError as exc:

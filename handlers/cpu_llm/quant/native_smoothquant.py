@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -230,9 +231,12 @@ def choose_and_save(act_max: dict[str, torch.Tensor], alphas: list[float], loss_
     """The alpha with the lowest `loss_of` (no search for one alpha), saved to `path` with the
     maxima; returned as saved (rounded): what this load serves is what every later one will."""
     losses = {}
+    started = time.monotonic()
     for alpha in alphas if len(alphas) > 1 else []:
         losses[alpha] = loss_of(alpha)
-        logger.info("SmoothQuant alpha=%.2f: calibration loss %.4f", alpha, losses[alpha])
+        elapsed = time.monotonic() - started
+        logger.info("SmoothQuant alpha=%.2f: calibration loss %.4f (candidate %d/%d, %.0f s, ~%.0f s left)", alpha,
+                    losses[alpha], len(losses), len(alphas), elapsed, elapsed / len(losses) * (len(alphas) - len(losses)))
     best = min(losses, key=losses.get) if losses else alphas[0]
     save_calibration(path, act_max, best)
     logger.info("SmoothQuant: calibrated with alpha=%.2f on %d samples -> %s", best, samples, path)

@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..loader import Checkpoint, QuantizedLoad, missing_tensors, parameters_on_meta, release_freed_memory
 from ..model import FP32
-from .calibration import CalibrationBatch, pad_into_one
+from ..progress import Progress
+from .calibration import CalibrationBatch, pad_into_one, stack_equal_lengths
 from .native_smoothquant import collect_activation_maxima, norms_fold
 from .quantized_linear import tile_model
 
@@ -33,10 +34,13 @@ LAYERS = "model.layers."  # where smoothing_groups finds the decoder layers
 
 
 @contextlib.contextmanager
-def one_layer_at_a_time(layers: torch.nn.ModuleList, read: Callable[[int], None]) -> Iterator[None]:
+def one_layer_at_a_time(layers: torch.nn.ModuleList, read: Callable[[int], None], what: str,
+                        passes: int = 1) -> Iterator[None]:
     """While inside, layer i calls `read(i)` before it runs, and after it the submodules and
-    parameters it had before (on meta) are put back, so what `read` made is freed."""
+    parameters it had before (on meta) are put back, so what `read` made is freed. `what` names
+    the work in the progress lines; `passes` is how many forward passes run inside."""
     saved: dict[int, list[tuple[torch.nn.Module, dict, dict]]] = {}
+    progress = Progress(f"{what}: decoder layer passes", len(layers) * passes)
 
     def before(i: int, layer: torch.nn.Module) -> None:
         saved[i] = [(m, dict(m._modules), dict(m._parameters)) for m in layer.modules()]
@@ -49,6 +53,7 @@ def one_layer_at_a_time(layers: torch.nn.ModuleList, read: Callable[[int], None]
             module._parameters.clear()
             module._parameters.update(parameters)
         release_freed_memory()
+        progress.step()
 
     hooks = []
     for i, layer in enumerate(layers):
@@ -87,7 +92,8 @@ def activation_maxima(source: str, batches: list[CalibrationBatch]) -> dict[str,
                                                                                    requires_grad=False)
 
     read("model.", skip=LAYERS)
-    with one_layer_at_a_time(model.model.layers, lambda i: read(f"{LAYERS}{i}.")):
+    with one_layer_at_a_time(model.model.layers, lambda i: read(f"{LAYERS}{i}."), "SmoothQuant activation maxima",
+                             passes=len(stack_equal_lengths(batches))):
         maxima = collect_activation_maxima(model, batches)
     del model
     release_freed_memory()
@@ -110,7 +116,7 @@ def calibration_loss(load: QuantizedLoad, batches: list[CalibrationBatch]) -> fl
 
     head = model.get_output_embeddings()
     batch = pad_into_one(batches)  # one pass: each layer is read and quantized once per alpha
-    with one_layer_at_a_time(model.model.layers, read_layer):
+    with one_layer_at_a_time(model.model.layers, read_layer, "SmoothQuant alpha candidate"):
         hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              position_ids=batch.position_ids, use_cache=False)[0]  # (B, T, hidden)
     total, count = 0.0, 0

@@ -1,8 +1,10 @@
 """TorchServe's `continuousBatching` protocol around an engine (ContinuousEngine or SlotEngine).
 
 With `continuousBatching: true` the frontend calls `handle()` again and again with every
-in-flight request: a new one carries its body, a running one comes back with an empty body,
-and one whose client disconnected is simply no longer sent. Each call must return one reply per
+in-flight request: a new one carries its parameters (its body), a running one comes back with
+none, and one whose client disconnected is simply no longer sent. A new request with an empty
+body also comes with no parameters: it is told apart from a running one by its id, which the
+engine does not know. Each call must return one reply per
 request; a reply marked `final` ends that request's HTTP response, any other is sent as one
 chunk of it (an empty chunk sends nothing). This module maps that protocol onto the engine and
 knows nothing of TorchServe's objects, so it is tested directly.
@@ -21,12 +23,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from ..config import ServingConfig
 from ..engine.generation import Sequence, TokenizerInfo
 from ..model import encode_prompt
-from ..api.request import RequestError
+from ..api.request import RequestError, request_body
 from ..api.responses import Reply
 from ..api.routes import Api
 from ..api.text_stream import TextStream
@@ -44,9 +46,6 @@ class Engine(Protocol):
     def step(self, new: dict[str, Sequence], wanted: set[str]) -> tuple[dict[str, Sequence], int]: ...
 
 
-LOST = RequestError("body", "the worker no longer has this request's state (it restarted?); please retry", 500)
-
-
 class ContinuousSession:
     """Per-worker state across `handle()` calls: the engine, and what each client was sent."""
 
@@ -59,9 +58,10 @@ class ContinuousSession:
         self.apis: dict[str, Api] = {}  # the API each running request speaks
         self.pending: dict[str, Reply] = {}  # final replies held back one call (see module docstring)
 
-    def handle(self, batch: list[tuple[str, Any, Api | Reply]]) -> list[Reply]:
-        """`batch`: (request id, body, route) per in-flight request, body None for a running one;
-        the route (routes.py) is an `Api`, or a `Reply` to send instead of generating."""
+    def handle(self, batch: list[tuple[str, Mapping[str, Any], Api | Reply]]) -> list[Reply]:
+        """`batch`: (request id, TorchServe's parameters, route) per in-flight request, the
+        parameters empty for a running one; the route (routes.py) is an `Api`, or a `Reply` to
+        send instead of generating."""
         arrived = time.perf_counter()
         present = {rid for rid, _, _ in batch}
         self.pending = {rid: reply for rid, reply in self.pending.items() if rid in present}
@@ -70,19 +70,16 @@ class ContinuousSession:
         replies: dict[str, Reply] = {}
         new: dict[str, Sequence] = {}
         wanted: set[str] = set()
-        for rid, body, route in batch:
+        for rid, row, route in batch:
             if rid in self.pending:
                 replies[rid] = self.pending.pop(rid)
             elif isinstance(route, Reply):
                 replies[rid] = self._whole(rid, route)
-            elif body is None:
-                if rid in self.engine.seqs:
-                    wanted.add(rid)
-                else:  # e.g. the worker restarted while the request was running
-                    replies[rid] = route.error(LOST)
+            elif not row and rid in self.engine.seqs:
+                wanted.add(rid)
             else:
                 try:
-                    request = route.parse(body, self.config)
+                    request = route.parse(request_body(row), self.config)
                     ids = encode_prompt(self.info.tokenizer, request, self.config.max_prompt_tokens)
                 except RequestError as error:
                     replies[rid] = self._whole(rid, route.error(error))
@@ -93,10 +90,22 @@ class ContinuousSession:
                     self.streams[rid] = TextStream()
         if new or wanted or self.engine.in_flight:
             touched, cancelled = self.engine.step(new, wanted)
+            self._more_steps(touched, arrived)
             self.on_step(self.engine.in_flight, cancelled)
             for rid, seq in touched.items():
                 replies[rid] = self._reply(rid, seq, first=rid in new)
         return [replies[rid] for rid, _, _ in batch]
+
+    def _more_steps(self, touched: dict[str, Sequence], arrived: float) -> None:
+        """Keep decoding within this call for `steps_per_call_ms`, until a request finishes.
+
+        Each call costs a round trip through TorchServe's frontend, and on a small model that is
+        a large share of a step. A streaming client gets the steps' text in one chunk; a new
+        request waits at most this long to join the batch."""
+        budget_s = self.config.steps_per_call_ms / 1000
+        while (self.engine.in_flight and not any(seq.done for seq in touched.values())
+               and time.perf_counter() - arrived < budget_s):
+            self.engine.step({}, set(self.engine.seqs))
 
     def _whole(self, rid: str, reply: Reply) -> Reply:
         """Send `reply` as one complete HTTP response now; end the request on the next call."""
