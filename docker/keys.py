@@ -3,7 +3,7 @@
 
 TorchServe 0.12 writes three keys into key_file.json at start: the inference key (for :8080),
 the management key (for :8081) and an API key. The first two expire after `token_expiration_min`
-minutes (default 60; TS_TOKEN_EXPIRATION_MIN=... on `docker run`); the API key does not. A key
+minutes (default 60; TS_TOKEN_EXPIRATION_TIME_MIN=... on `docker run`); the API key does not. A key
 is renewed by its token API, `GET :8081/token?type=inference|management` with the API key, which
 rewrites key_file.json. A renewal invalidates the key it replaces at once, so a key is renewed
 only when it has less than `--min-valid` seconds left (at most a quarter of its lifetime); until
@@ -31,7 +31,7 @@ MANAGEMENT = os.environ.get("TS_MANAGEMENT_URL", "http://127.0.0.1:8081")
 KEY_FILE = Path(os.environ.get("TS_KEY_FILE", "/home/serve/key_file.json"))
 KINDS = ("inference", "management")
 MIN_VALID_S = 300.0  # renew a key with less than this left: a client then has 5 minutes to use it
-LIFETIME_ENV = "TS_TOKEN_EXPIRATION_MIN"  # TorchServe's token_expiration_min, set through the environment
+LIFETIME_ENV = "TS_TOKEN_EXPIRATION_TIME_MIN"  # TorchServe's token_expiration_min, set through the environment
 
 
 def read_keys() -> dict | None:

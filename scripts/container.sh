@@ -58,10 +58,15 @@ build() {
   echo "container: built $image in $((SECONDS - started)) s, size $($engine image inspect "$image" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
 }
 
-run_detached() {  # name host-port host-metrics-port
-  $engine "${run_flags[@]}" -d --name "$1" -p "127.0.0.1:$2:8080" -p "127.0.0.1:$3:8082" \
-    ${MODEL_CONFIG:+-e MODEL_CONFIG="$MODEL_CONFIG"} "$image" >/dev/null
+run_detached() {  # name host-port host-metrics-port [more run options]
+  local name=$1 port=$2 metrics=$3
+  shift 3
+  $engine "${run_flags[@]}" -d --name "$name" -p "127.0.0.1:$port:8080" -p "127.0.0.1:$metrics:8082" \
+    ${MODEL_CONFIG:+-e MODEL_CONFIG="$MODEL_CONFIG"} "$@" "$image" >/dev/null
 }
+
+# Packages of requirements/<stack>-dev.lock that must not be in the runtime image.
+TEST_PACKAGES="pytest hypothesis locust flask gevent matplotlib kubernetes_validate openai"
 
 healthy() {
   if [ "$engine" = podman ]; then podman healthcheck run "$1" >/dev/null 2>&1
@@ -69,11 +74,13 @@ healthy() {
 }
 
 smoke() {
-  local name="llm-smoke-$$" port=18380 metrics=18382 started key url status body
+  # Token keys expire after KEY_EXPIRY_MIN minutes (TorchServe's default is 60): the run lasts
+  # past 3 x that, so the healthcheck and a freshly obtained key are seen working after expiry.
+  local name="llm-smoke-$$" port=18380 metrics=18382 started key fresh url status body expiry=${KEY_EXPIRY_MIN:-1}
   $engine image inspect "$image" >/dev/null 2>&1 || build
   $engine rm -f "$name" >/dev/null 2>&1 || true
   started=$SECONDS
-  run_detached "$name" "$port" "$metrics"
+  run_detached "$name" "$port" "$metrics" -e TS_TOKEN_EXPIRATION_TIME_MIN="$expiry"
   trap '$engine logs --tail 40 '"$name"' >&2 || true; $engine rm -f '"$name"' >/dev/null 2>&1 || true' EXIT
   until healthy "$name"; do
     if [ $((SECONDS - started)) -gt 300 ]; then echo "container: no READY worker after 300 s" >&2; exit 1; fi
@@ -83,7 +90,9 @@ smoke() {
     sleep 2
   done
   echo "container: READY $((SECONDS - started)) s after start"
-  key=$($engine exec "$name" python -c "import json; print(json.load(open('/home/serve/key_file.json'))['inference']['key'])")
+  $engine exec "$name" python -c 'import importlib.util, sys; found = [m for m in sys.argv[1:] if importlib.util.find_spec(m)]; sys.exit(f"test or benchmark packages in the image: {found}" if found else 0)' $TEST_PACKAGES
+  echo "container: no test or benchmark package in the image ($TEST_PACKAGES)"
+  key=$($engine exec "$name" /app/docker/keys.py inference)
   url="http://127.0.0.1:$port/predictions/smollm2"
   body=$(curl -sf "$url" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
          -d '{"messages": [{"role": "user", "content": "Which city is the capital of France?"}], "max_new_tokens": 16}')
@@ -96,6 +105,21 @@ smoke() {
   status=$(curl -s -o /dev/null -w '%{http_code}' "$url" -H 'Content-Type: application/json' -d '{"prompt": "Hi"}')
   [ "$status" != 200 ] || { echo "container: a request without the token was served" >&2; exit 1; }
   echo "container: request without the token refused ($status)"
+  # Past the keys' expiry: still healthy (the healthcheck renews its management key), the first
+  # inference key refused, a fresh one from docker/keys.py served.
+  while [ $((SECONDS - started)) -lt $((3 * 60 * expiry)) ]; do
+    healthy "$name" || { echo "container: unhealthy $((SECONDS - started)) s after start" >&2; exit 1; }
+    sleep 10
+  done
+  healthy "$name" || { echo "container: unhealthy after the keys expired" >&2; exit 1; }
+  echo "container: still healthy $((SECONDS - started)) s after start (keys expire after $expiry min)"
+  status=$(curl -s -o /dev/null -w '%{http_code}' "$url" -H "Authorization: Bearer $key" -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_new_tokens": 2}')
+  [ "$status" = 400 ] || { echo "container: the expired inference key got $status, not 400" >&2; exit 1; }
+  fresh=$($engine exec "$name" /app/docker/keys.py inference)
+  status=$(curl -s -o /dev/null -w '%{http_code}' "$url" -H "Authorization: Bearer $fresh" -H 'Content-Type: application/json' -d '{"prompt": "Hi", "max_new_tokens": 2}')
+  [ "$status" = 200 ] || { echo "container: a fresh inference key got $status" >&2; exit 1; }
+  echo "container: expired key refused (400); a fresh one from docker/keys.py served (200)"
+  key=$fresh
   # Graceful stop (docker/entrypoint.py): a request being generated when SIGTERM arrives finishes.
   local stream_file
   stream_file=$(mktemp)  # a fresh file: a stale one would pass the wait below before the request started

@@ -97,11 +97,12 @@ def main() -> None:
     parser.add_argument("--ts-config", type=Path, default=ROOT / "config.properties")
     parser.add_argument("--model-store", type=Path, default=ROOT / "model-store")
     parser.add_argument("--log-dir", type=Path, default=ROOT / "logs")
+    parser.add_argument("--models-dir", type=Path, default=MODELS, help="where a GGUF file is converted to")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for READY")
     args = parser.parse_args()
     if not args.config.is_file():
         sys.exit(f"serve_model: CONFIG={args.config} does not exist")
-    source = resolve(args.model)
+    source = resolve(args.model, args.models_dir)
     if args.name:
         source = ModelSource(model_name(args.name), source.folder, source.hub_id)
     try:

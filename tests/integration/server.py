@@ -31,13 +31,17 @@ def package(tmp: Path, model_dir: Path, name: str, model_config: dict) -> Path:
 
 @contextmanager
 def running_server(tmp: Path, store: Path, models: list[str], timeout: float = 240,
-                   ports: dict[str, int] = TEST_PORTS, token_auth: bool = False) -> Iterator[dict[str, str]]:
+                   ports: dict[str, int] = TEST_PORTS, token_auth: bool = False,
+                   properties: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """TorchServe on the test ports; yields the endpoint URLs and always stops it.
 
     With `token_auth` TorchServe's token authorization is on (as it is by default): the server
-    runs in `tmp`, where it writes key_file.json, and the inference key is yielded as "key"."""
+    runs in `tmp`, where it writes key_file.json, and the inference key is yielded as "key".
+    `properties` are added to config.properties (e.g. token_expiration_min)."""
     (tmp / "java-tmp").mkdir(exist_ok=True)
     ts_config = serve.write_ts_config(tmp, ports, java_tmp=tmp / "java-tmp")
+    if properties:
+        ts_config.write_text(ts_config.read_text() + "".join(f"{k}={v}\n" for k, v in properties.items()))
     if not token_auth:
         with serve.running(ts_config, store, models, tmp / "logs", timeout) as urls:
             yield urls
