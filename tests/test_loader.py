@@ -209,10 +209,10 @@ def test_quantizing_takes_less_memory_than_fp32_not_more(model_dir, tmp_path):
             "print(json.dumps([status('VmHWM') / 1024, status('VmRSS') / 1024]))")
     rss = {}
     env = {**os.environ, quantize.CACHE_DIR_ENV: str(tmp_path)}  # no calibration cached: SmoothQuant calibrates
-    for name in ("model-config", "woq-int8", "smoothquant"):
+    for name in ("fp32", "woq-int8", "smoothquant"):
         out = subprocess.run([sys.executable, "-c", code, f"configs/{name}.yaml", str(model_dir)], cwd=ROOT,
                              check=True, capture_output=True, text=True, env=env).stdout
         rss[name] = json.loads(out.strip().splitlines()[-1])
-    fp32_peak, fp32_rss = rss.pop("model-config")
+    fp32_peak, fp32_rss = rss.pop("fp32")
     assert all(peak < fp32_peak and served < fp32_rss for peak, served in rss.values()), (fp32_peak, fp32_rss, rss)
     assert list((tmp_path / "smoothquant").glob("native-*.json")), "SmoothQuant did not calibrate"

@@ -34,4 +34,4 @@ def test_report_covers_every_quantized_layer(model_dir, name, min_snr, max_out_e
 
 def test_no_quantization_is_refused(model_dir):
     with pytest.raises(ConfigError, match="quantization.method"):
-        report(None, None, _quantization("model-config"))
+        report(None, None, _quantization("fp32"))
