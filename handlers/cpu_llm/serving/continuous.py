@@ -4,10 +4,10 @@ With `continuousBatching: true` the frontend calls `handle()` again and again wi
 in-flight request: a new one carries its parameters (its body), a running one comes back with
 none, and one whose client disconnected is simply no longer sent. A new request with an empty
 body also comes with no parameters: it is told apart from a running one by its id, which the
-engine does not know. Each call must return one reply per
-request; a reply marked `final` ends that request's HTTP response, any other is sent as one
-chunk of it (an empty chunk sends nothing). This module maps that protocol onto the engine and
-knows nothing of TorchServe's objects, so it is tested directly.
+engine does not know. Each call must return one reply per request; a reply marked `final` ends
+that request's HTTP response, any other is sent as one chunk of it (an empty chunk sends nothing).
+This module maps that protocol onto the engine and knows nothing of TorchServe's objects, so it is
+tested directly.
 
 Two TorchServe 0.12 quirks shape it. If a request's *first* reply is final, the frontend writes
 the body without the HTTP status line and headers, so a completion that ends in its first call
