@@ -50,7 +50,7 @@ stop: | $(VENV)/.installed  ## stop TorchServe
 test: $(MODEL_WEIGHTS)  ## the whole test suite: unit + integration tests against a real TorchServe
 	$(PY) -m pytest tests
 
-unit: | $(VENV)/.installed  ## the fast tests only (no server, no model loaded)
+unit: $(MODEL_WEIGHTS)  ## the fast tests (no server; some read the converted model from disk)
 	$(PY) -m pytest tests -m "not integration and not model"
 
 evaluate: $(MODEL_WEIGHTS)  ## perplexity, greedy agreement, RSS, weight size of each quantization config
