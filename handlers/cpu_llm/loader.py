@@ -233,8 +233,8 @@ class QuantizedLoad:
         `prefix` and not with `skip`, from the checkpoint."""
         checkpoint, transform = self.checkpoint, self.transform
         wanted = lambda name: name.startswith(prefix) and not (skip and name.startswith(skip))  # noqa: E731
-        linears = [(name, module, as_linear(module)) for name, module in list(self.model.named_modules())
-                   if as_linear(module) is not None and f"{name}.weight" not in self.done and wanted(name)]
+        linears = [(name, module, linear) for name, module in list(self.model.named_modules())
+                   if (linear := as_linear(module)) is not None and f"{name}.weight" not in self.done and wanted(name)]
         progress = Progress(f"reading and quantizing {checkpoint.folder.name}: linear layers", len(linears))
         for name, module, linear in linears:
             conv1d = linear is not module  # GPT-2 stores the weight transposed
