@@ -3,10 +3,11 @@
 TorchServe allows a single class per handler module, so all logic lives in the `cpu_llm`
 package shipped next to this file in the model archive. Two batching modes, chosen by the
 model-config's `continuousBatching` key:
-- dynamic batching (default): each `handle()` call generates one batch from start to end;
-  streaming requests get their text through intermediate responses as it is generated;
-- continuous batching: each `handle()` call is one decode step of every in-flight request
-  (`cpu_llm.serving.continuous`), so requests join and leave the running batch between steps.
+- dynamic batching: each `handle()` call generates one batch from start to end
+  (`cpu_llm.serving.dynamic`); streaming requests get their text through intermediate responses;
+- continuous batching (the default config): each `handle()` call runs decode steps of every
+  in-flight request (`cpu_llm.serving.continuous`), so requests join and leave between steps.
+Both drive the same engine (`cpu_llm.engine`), chosen once at load.
 Each request speaks our native API or, under `/predictions/<model>/<version>/v1/...`, the OpenAI
 API (`cpu_llm.api.routes`); both batching modes serve both.
 """
@@ -25,21 +26,19 @@ import torch
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
-from cpu_llm.config import check_context_length, parse_serving_config, resolve_threads
-from cpu_llm.serving.continuous import ContinuousSession
-from cpu_llm.engine.hf_engine import ContinuousEngine
-from cpu_llm.engine.generation import Sequence
-from cpu_llm.model import encode_prompt, max_positions, resolve_model_source
-from cpu_llm.quant.quantize import load_for_serving
-from cpu_llm.quant.quantized_linear import parameter_count
-from cpu_llm.api.request import RequestError, request_body
 from cpu_llm.api.responses import Reply
-from cpu_llm.api.routes import Api, Router
+from cpu_llm.api.routes import Router
+from cpu_llm.config.serving import check_context_length, parse_serving_config, resolve_threads
+from cpu_llm.core.errors import RequestError
+from cpu_llm.engine.select import engine_for
+from cpu_llm.layers.quantized_linear import parameter_count
+from cpu_llm.load.hf import max_positions, resolve_model_source
+from cpu_llm.load.pipeline import load_for_serving
 from cpu_llm.runner.model_runner import attach_runner
-from cpu_llm.runner.slot_engine import SlotEngine
-from cpu_llm.serving.serving_metrics import ServingMetrics
+from cpu_llm.serving.continuous import ContinuousSession
+from cpu_llm.serving.dynamic import DynamicSession
+from cpu_llm.serving.metrics import ServingMetrics
 from cpu_llm.serving.shutdown import RETRY_AFTER_S, WorkerDrain
-from cpu_llm.api.text_stream import TextStream
 
 logger = logging.getLogger(__name__)
 SHUTTING_DOWN = RequestError("server", "is shutting down and starts no new request; retry (another replica)", 503)
@@ -65,17 +64,19 @@ class LLMHandler(BaseHandler):
         params = parameter_count(self.served.model)
         self.metrics = ServingMetrics(context.metrics)
         self.router = Router(self.manifest.get("model", {}).get("modelName", "model"))
-        self.session = None
         self.drain = WorkerDrain.from_env()
-        if self.config.continuous_batching:
-            engine = (SlotEngine(self.served.runner, self.tokenizer_info, self.config.request_timeout_s)
-                      if self.served.runner is not None
-                      else ContinuousEngine(self.served.model, self.tokenizer_info, self.config.request_timeout_s))
-            self.session = ContinuousSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
-                                             on_step=self.metrics.step)
+        continuous = self.config.continuous_batching
+        # A dynamic batch runs to its end: its requests never time out.
+        engine = engine_for(self.served, self.tokenizer_info,
+                            self.config.request_timeout_s if continuous else float("inf"))
+        self.session = (ContinuousSession(engine, self.config, self.tokenizer_info,
+                                          on_finished=self.metrics.finished, on_step=self.metrics.step)
+                        if continuous else
+                        DynamicSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
+                                       on_running=self._running))
         logger.info(
             "loaded %s: %.1fM parameters, %d threads, %s batching, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s",
-            source, params / 1e6, threads, "continuous" if self.session else "dynamic",
+            source, params / 1e6, threads, "continuous" if continuous else "dynamic",
             time.perf_counter() - started, psutil.Process(os.getpid()).memory_info().rss / 2**20,
             torch.__version__, torch.backends.cpu.get_cpu_capability(),
         )
@@ -88,7 +89,7 @@ class LLMHandler(BaseHandler):
             routes = [replace(route.error(SHUTTING_DOWN), headers=(("Retry-After", str(RETRY_AFTER_S)),))
                       if row and not isinstance(route, Reply) else route
                       for route, row in zip(routes, data)]
-        if self.session is not None:
+        if isinstance(self.session, ContinuousSession):
             replies = self.session.handle([(context.request_ids[idx], row, routes[idx])
                                            for idx, row in enumerate(data)])
             self.drain.report(self.session.engine.in_flight)
@@ -96,7 +97,7 @@ class LLMHandler(BaseHandler):
             context.stopping_criteria = [(lambda _, stop=None if reply.whole else reply.final: stop)
                                          for reply in replies]
         else:
-            replies = self._generate_batch(data, routes, context)
+            replies = self.session.handle(list(zip(data, routes)), lambda chunks: self._send(chunks, context))
         for idx, reply in enumerate(replies):
             context.set_response_content_type(idx, reply.content_type)
             for name, value in reply.headers:
@@ -105,42 +106,17 @@ class LLMHandler(BaseHandler):
                 context.set_response_status(reply.status, http.HTTPStatus(reply.status).phrase, idx)
         return [reply.body for reply in replies]
 
-    def _generate_batch(self, data: list[dict[str, Any]], routes: list[Api | Reply], context) -> list[Reply]:
-        """Dynamic batching: validate each request on its own, generate the valid ones together
-        (one at a time when the model is not batch-invariant: IPEX SmoothQuant)."""
-        arrived = time.perf_counter()
-        replies: list[Reply | None] = [route if isinstance(route, Reply) else None for route in routes]
-        valid: dict[int, Sequence] = {}
-        apis: dict[int, Api] = {idx: route for idx, route in enumerate(routes) if not isinstance(route, Reply)}
-        for idx, api in apis.items():
-            try:
-                request = api.parse(request_body(data[idx]), self.config)
-                ids = encode_prompt(self.tokenizer_info.tokenizer, request, self.config.max_prompt_tokens)
-                valid[idx] = Sequence.start(request, ids, arrived)
-            except RequestError as error:
-                replies[idx] = api.error(error)
-        streams = {idx: TextStream() for idx, seq in valid.items() if seq.request.stream}
+    def _running(self, in_flight: int) -> None:
+        """A dynamic batch starts (its size) or ends (0): the gauge and the drain's count."""
+        if in_flight:
+            self.metrics.step(in_flight)
+        self.drain.report(in_flight)
 
-        def send_new_text(_: list[Sequence]) -> None:
-            chunks = {idx: apis[idx].chunk(stream.next_piece(valid[idx], self.tokenizer_info))
-                      for idx, stream in streams.items() if not valid[idx].done}
-            chunks = {idx: chunk for idx, chunk in chunks.items() if chunk}
-            if chunks:
-                for idx in chunks:
-                    context.set_response_content_type(idx, apis[idx].content_type(True))
-                send_intermediate_predict_response(chunks, {idx: context.request_ids[idx] for idx in chunks},
-                                                   "Intermediate Prediction success", 200, context)
-
-        if valid:
-            self.metrics.step(len(valid))
-            self.drain.report(len(valid))
-            try:
-                self.served.generate(self.tokenizer_info, list(valid.values()),
-                                     on_step=send_new_text if streams else None)
-            finally:
-                self.drain.report(0)
-        for idx, seq in valid.items():
-            self.metrics.finished(seq)
-            replies[idx] = apis[idx].finished(seq, streams.get(idx), self.tokenizer_info)
-        return replies
-
+    @staticmethod
+    def _send(chunks: dict[int, tuple[bytes, str]], context) -> None:
+        """Streamed text of a dynamic batch, as TorchServe intermediate responses."""
+        for idx, (_, content_type) in chunks.items():
+            context.set_response_content_type(idx, content_type)
+        send_intermediate_predict_response({idx: body for idx, (body, _) in chunks.items()},
+                                           {idx: context.request_ids[idx] for idx in chunks},
+                                           "Intermediate Prediction success", 200, context)

@@ -23,10 +23,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from cpu_llm.config import parse_serving_config  # noqa: E402
-from cpu_llm.engine.generation import Sequence  # noqa: E402
-from cpu_llm.api.request import GenerationRequest  # noqa: E402
-from cpu_llm.runner.slot_engine import SlotEngine  # noqa: E402
+from cpu_llm.config.serving import parse_serving_config  # noqa: E402
+from cpu_llm.core.params import GenerationRequest  # noqa: E402
+from cpu_llm.decode.sequence import Sequence  # noqa: E402
+from cpu_llm.engine.slot_engine import SlotEngine  # noqa: E402
 from evaluate import TEXT, serve_like_the_worker  # noqa: E402
 
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "handlers"))
-from cpu_llm.ops import kernel_status  # noqa: E402
-from cpu_llm.quant.quantized_linear import QuantizedLinear  # noqa: E402
-from cpu_llm.quant.quantlib import QuantSpec  # noqa: E402
+from cpu_llm.formats.quantlib import QuantSpec  # noqa: E402
+from cpu_llm.kernels import kernel_status  # noqa: E402
+from cpu_llm.layers.quantized_linear import QuantizedLinear  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 1536), (576, 576), (49152, 576)]  # gate/up, down, q/o, lm_head
 ROWS = [1, 4, 8, 16, 32, 64]

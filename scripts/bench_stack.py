@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 sys.path.insert(0, str(ROOT / "scripts"))
-from cpu_llm.config import parse_serving_config  # noqa: E402
+from cpu_llm.config.serving import parse_serving_config  # noqa: E402
 from evaluate import serve_like_the_worker  # noqa: E402
 
 CONFIGS = ["fp32.yaml", "woq-int8.yaml", "woq-int4.yaml", "smoothquant.yaml"]

@@ -23,7 +23,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 HANDLERS = ROOT / "handlers"
 sys.path.insert(0, str(HANDLERS))
-from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
+from cpu_llm.config.serving import parse_serving_config  # noqa: E402
+from cpu_llm.core.errors import ConfigError  # noqa: E402
 from serve import venv_tool  # noqa: E402
 
 REQUIRED_MODEL_FILES = ("config.json",)

@@ -26,12 +26,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm.quant import native_smoothquant  # noqa: E402
-from cpu_llm.quant.calibration import alpha_candidates  # noqa: E402
-from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
-from cpu_llm.model import load_model, load_tokenizer_info  # noqa: E402
-from cpu_llm.quant.native_backend import calibrate_streaming, quantize_w8a8  # noqa: E402
-from cpu_llm.quant.quantize import keep_full_precision, resolve_backend, smoothquant_batches  # noqa: E402
+from cpu_llm.config.serving import parse_serving_config  # noqa: E402
+from cpu_llm.core.errors import ConfigError  # noqa: E402
+from cpu_llm.load import native_smoothquant  # noqa: E402
+from cpu_llm.load.calibration import alpha_candidates  # noqa: E402
+from cpu_llm.load.hf import load_model, load_tokenizer_info  # noqa: E402
+from cpu_llm.load.native_backend import calibrate_streaming, quantize_w8a8  # noqa: E402
+from cpu_llm.load.pipeline import keep_full_precision, resolve_backend, smoothquant_batches  # noqa: E402
 
 
 def calibrate(config_path: Path, model_dir: Path, out: Path, backend: str | None = None) -> float:
@@ -52,7 +53,7 @@ def calibrate(config_path: Path, model_dir: Path, out: Path, backend: str | None
     keep_full_precision(model, q.keep_full_precision)
     if native:
         return native_smoothquant.calibrate(model, batches, alphas, quantize_w8a8, out)[1]
-    from cpu_llm.quant import ipex_backend
+    from cpu_llm.load import ipex_backend
 
     return ipex_backend.calibrate_smoothquant(model, alphas, batches, out)
 

@@ -35,11 +35,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm.config import parse_serving_config, resolve_threads  # noqa: E402
-from cpu_llm.engine.generation import Sequence, decode_one_token, left_pad, prefill  # noqa: E402
-from cpu_llm.model import encode_prompt  # noqa: E402
-from cpu_llm.quant.quantize import ServedModel, load_for_serving  # noqa: E402
+from cpu_llm.api.prompt import encode_prompt  # noqa: E402
 from cpu_llm.api.request import parse_request  # noqa: E402
+from cpu_llm.config.serving import parse_serving_config, resolve_threads  # noqa: E402
+from cpu_llm.decode.sequence import Sequence  # noqa: E402
+from cpu_llm.engine.hf_steps import decode_one_token, left_pad, prefill  # noqa: E402
+from cpu_llm.engine.select import engine_for  # noqa: E402
+from cpu_llm.load.pipeline import load_for_serving  # noqa: E402
+from cpu_llm.load.served import ServedModel  # noqa: E402
 from cpu_llm.runner.model_runner import attach_runner  # noqa: E402
 
 TEXT = ROOT / "eval" / "python-reference.txt"
@@ -93,7 +96,7 @@ def greedy_tokens(served: ServedModel, info, config, max_new_tokens: int) -> lis
     requests = [parse_request({"messages": [{"role": "user", "content": p}], "max_new_tokens": max_new_tokens},
                               config) for p in PROMPTS]
     prompts = [encode_prompt(info.tokenizer, r, config.max_prompt_tokens) for r in requests]
-    return [r.token_ids for r in served.generate(info, [Sequence.start(r, p) for r, p in zip(requests, prompts)])]
+    return [r.token_ids for r in engine_for(served, info).generate([Sequence.start(r, p) for r, p in zip(requests, prompts)])]
 
 
 def agreement(tokens: list[tuple[int, ...]], reference: list[tuple[int, ...]], n: int) -> float:

@@ -24,16 +24,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
-from cpu_llm.quant import native_smoothquant  # noqa: E402
-from cpu_llm.quant.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
-from cpu_llm.config import ConfigError, parse_serving_config  # noqa: E402
-from cpu_llm.model import load_model  # noqa: E402
-from cpu_llm.quant.native_backend import (W8A8_WEIGHTS, check_supported, linear_converter, quantize_embeddings,  # noqa: E402
-                                    quantize_w8a8, woq_spec)
-from cpu_llm.quant.quant_config import QuantizationConfig  # noqa: E402
-from cpu_llm.quant.quantize import keep_full_precision  # noqa: E402
-from cpu_llm.quant.quantized_linear import as_linear, replace_linears  # noqa: E402
-from cpu_llm.quant.quantlib import error_metrics, kernel_weights, quantize  # noqa: E402
+from cpu_llm.config.quantization import QuantizationConfig  # noqa: E402
+from cpu_llm.config.serving import parse_serving_config  # noqa: E402
+from cpu_llm.core.errors import ConfigError  # noqa: E402
+from cpu_llm.formats.quantlib import error_metrics, kernel_weights, quantize  # noqa: E402
+from cpu_llm.layers.quantized_linear import as_linear, replace_linears  # noqa: E402
+from cpu_llm.load import native_smoothquant  # noqa: E402
+from cpu_llm.load.calibration import alpha_candidates, calibration_batches, read_texts  # noqa: E402
+from cpu_llm.load.hf import load_model  # noqa: E402
+from cpu_llm.load.native_backend import (W8A8_WEIGHTS, check_supported, linear_converter,  # noqa: E402
+                                        quantize_embeddings, quantize_w8a8, woq_spec)
+from cpu_llm.load.pipeline import keep_full_precision  # noqa: E402
 
 COLUMNS = ("layer", "shape", "max_abs_error", "mean_abs_error", "relative_error", "snr_db", "out_rel_error")
 

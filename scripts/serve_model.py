@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from build_archive import build_archive  # also puts handlers/ on sys.path
-from cpu_llm.model import HUB_ID
-from cpu_llm.config import ConfigError
+from cpu_llm.core.errors import ConfigError
+from cpu_llm.load.hf import HUB_ID
 from serve import ROOT, start_and_report
 
 MODELS = ROOT / "models"

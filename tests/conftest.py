@@ -21,7 +21,7 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def loaded(model_dir):
     """(model, TokenizerInfo) for in-process generation tests."""
-    from cpu_llm.model import load_model
+    from cpu_llm.load.hf import load_model
 
     torch.set_num_threads(2)
     return load_model(str(model_dir))
@@ -31,8 +31,8 @@ def loaded(model_dir):
 def runner_served(model_dir):
     """The fp32 model on our model runner (8 slots, 16-token prefill chunks so prompts are
     prefilled over several steps), for in-process tests of the runner and its engine."""
-    from cpu_llm.model import load_model
-    from cpu_llm.quant.quantize import ServedModel
+    from cpu_llm.load.hf import load_model
+    from cpu_llm.load.served import ServedModel
     from cpu_llm.runner.model_runner import attach_runner
 
     torch.set_num_threads(2)

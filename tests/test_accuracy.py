@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from cpu_llm.quant import quantize
+from cpu_llm.load import calibration
 from evaluate import evaluate_all, markdown_table
 
 from pathlib import Path
@@ -21,7 +21,7 @@ BACKENDS = ["native", pytest.param("ipex", marks=pytest.mark.skipif(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantized_perplexity_stays_close_to_fp32(tmp_path, monkeypatch, model_dir, backend):
-    monkeypatch.setenv(quantize.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(calibration.CACHE_DIR_ENV, str(tmp_path))
     names = ["fp32", "woq-int8", "smoothquant", "woq-int4"]
     configs = [ROOT / "configs" / f"{n}.yaml" for n in names]
     rows = {r["config"]: r for r in evaluate_all(configs, model_dir, backend=backend, text=ROOT / "eval" / "heldout.txt")}

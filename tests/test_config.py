@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpu_llm.config import ConfigError, ServingConfig, check_context_length, parse_serving_config
+from cpu_llm.config.serving import ServingConfig, check_context_length, parse_serving_config
+from cpu_llm.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

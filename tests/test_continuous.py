@@ -11,15 +11,15 @@ import json
 
 import pytest
 
-from cpu_llm.config import ServingConfig
-from cpu_llm.serving.continuous import ContinuousSession
-from cpu_llm.engine.hf_engine import ContinuousEngine
-from cpu_llm.engine.generation import Sequence, generate_batch
-from cpu_llm.model import encode_prompt
+from cpu_llm.api.prompt import encode_prompt
 from cpu_llm.api.request import parse_request
 from cpu_llm.api.responses import Reply
 from cpu_llm.api.routes import NATIVE, Api, Router
-from cpu_llm.runner.slot_engine import SlotEngine
+from cpu_llm.config.serving import ServingConfig
+from cpu_llm.decode.sequence import Sequence
+from cpu_llm.engine.hf_engine import HFEngine
+from cpu_llm.engine.slot_engine import SlotEngine
+from cpu_llm.serving.continuous import ContinuousSession
 
 pytestmark = pytest.mark.model
 CONFIG = ServingConfig(max_new_tokens=64)
@@ -82,7 +82,7 @@ def make_engine(request, loaded):
     """Both engines: the Hugging Face path's (left-padded cache) and our runner's (slots)."""
     model, info = loaded
     if request.param == "hf":
-        return lambda timeout_s=600: ContinuousEngine(model, info, request_timeout_s=timeout_s)
+        return lambda timeout_s=600: HFEngine(model, info, request_timeout_s=timeout_s)
     runner = request.getfixturevalue("runner_served").runner
     return lambda timeout_s=600: SlotEngine(runner, info, request_timeout_s=timeout_s)
 
@@ -102,7 +102,7 @@ def frontend(loaded, make_engine):
 def alone(loaded, body: dict):
     model, info = loaded
     request = parse_request(body, CONFIG)
-    return generate_batch(model, info, [Sequence.start(request, encode_prompt(info.tokenizer, request, 1024))])[0]
+    return HFEngine(model, info, float('inf')).generate([Sequence.start(request, encode_prompt(info.tokenizer, request, 1024))])[0]
 
 
 BODIES = {
@@ -232,9 +232,9 @@ def test_natively_quantized_models_batch_continuously(model_dir, method, lowp_mo
     from the text alone -- in dynamic batching too (docs: What is guaranteed)."""
     import yaml
 
-    from cpu_llm.config import parse_serving_config
-    from cpu_llm.model import load_model
-    from cpu_llm.quant.quantize import prepare_for_serving
+    from cpu_llm.config.serving import parse_serving_config
+    from cpu_llm.load.hf import load_model
+    from cpu_llm.load.pipeline import prepare_for_serving
     from conftest import ROOT
 
     raw = yaml.safe_load((ROOT / "configs" / "continuous.yaml").read_text())
@@ -245,7 +245,7 @@ def test_natively_quantized_models_batch_continuously(model_dir, method, lowp_mo
                                  config.continuous_batching)
     assert served.backend == "native" and served.report["quantized_modules"] > 0
     bodies = {rid: {**BODIES[rid], "max_new_tokens": 16} for rid in ("a", "b", "c")}
-    frontend = Frontend(ContinuousSession(ContinuousEngine(served.model, info, 600), CONFIG, info))
+    frontend = Frontend(ContinuousSession(HFEngine(served.model, info, 600), CONFIG, info))
     frontend.submit("a", bodies["a"])
     frontend.call()
     frontend.call()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cpu_llm.config import FRONTEND_INT_KEYS, FRONTEND_OTHER_KEYS, ServingConfig
-from cpu_llm.quant.quant_config import QuantizationConfig, SmoothQuantConfig, WoqConfig
+from cpu_llm.config.quantization import QuantizationConfig, SmoothQuantConfig, WoqConfig
+from cpu_llm.config.serving import FRONTEND_INT_KEYS, FRONTEND_OTHER_KEYS, ServingConfig
 from serve import read_properties
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpu_llm.config import ServingConfig
-from cpu_llm.engine.generation import Sequence, generate_batch
-from cpu_llm.model import encode_prompt
-from cpu_llm.api.request import RequestError, parse_request
+from cpu_llm.api.prompt import encode_prompt
+from cpu_llm.api.request import parse_request
+from cpu_llm.config.serving import ServingConfig
+from cpu_llm.core.errors import RequestError
+from cpu_llm.decode.sequence import Sequence
+from cpu_llm.engine.hf_engine import HFEngine
 
 pytestmark = pytest.mark.model
 CONFIG = ServingConfig()
@@ -27,7 +29,7 @@ def _prepare(loaded, bodies):
 def _run(loaded, bodies):
     model, info = loaded
     requests, prompts = _prepare(loaded, bodies)
-    return generate_batch(model, info, [Sequence.start(r, p) for r, p in zip(requests, prompts)])
+    return HFEngine(model, info, float('inf')).generate([Sequence.start(r, p) for r, p in zip(requests, prompts)])
 
 
 def hf_greedy_tokens(loaded, messages, max_new_tokens):

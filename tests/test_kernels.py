@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpu_llm import ops
-from cpu_llm.quant import tiling
-from cpu_llm.quant.quantlib import QuantSpec, kernel_weights, quantize
+from cpu_llm import kernels
+from cpu_llm.formats import tiling
+from cpu_llm.formats.quantlib import QuantSpec, kernel_weights, quantize
 
-pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="kernels not built")
+pytestmark = pytest.mark.skipif(not kernels.kernels_available(), reason="kernels not built")
 
-ISAS = ops.supported_isas() or ["none"]
+ISAS = kernels.supported_isas() or ["none"]
 SPECS = [QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "symmetric", "group", 64, "float16"),
          QuantSpec(8, "affine", "group", 32), QuantSpec(4, "symmetric", "group", 32, "float16"),
          QuantSpec(4, "affine", "group", 64), QuantSpec(4, "symmetric", "channel")]
@@ -27,10 +27,10 @@ SHAPES = [(80, 96), (1, 64), (17, 160), (33, 256)]
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    best = ops.current_isa()
-    ops.set_isa(request.param)
+    best = kernels.current_isa()
+    kernels.set_isa(request.param)
     yield request.param
-    ops.set_isa(best)
+    kernels.set_isa(best)
 
 
 def _weight(n: int, k: int) -> torch.Tensor:
@@ -53,8 +53,8 @@ def test_integer_kernel_matches_reference(isa, spec, n, k, rows):
     x = torch.randn(rows, k) * torch.logspace(-2, 1, rows)[:, None]
     bias = torch.randn(n)
     for per_row in (False, True):
-        expected = ops.qlinear(x, packed, per_row, bias, use_kernel=False)
-        _close(ops.qlinear(x, packed, per_row, bias, use_kernel=True), expected)
+        expected = kernels.qlinear(x, packed, per_row, bias, use_kernel=False)
+        _close(kernels.qlinear(x, packed, per_row, bias, use_kernel=True), expected)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -63,32 +63,32 @@ def test_fp32_compute_kernel_and_dequantize_match_reference(isa, spec, rows):
     n, k = 48, 192
     packed = kernel_weights(quantize(_weight(n, k), spec))
     x = torch.randn(rows, k)
-    _close(ops.woq_linear_f32(x, packed, None, use_kernel=True), x @ packed.dequantize().T)
-    torch.testing.assert_close(ops.dequantize_shared(packed, use_kernel=True), packed.dequantize(), rtol=0, atol=1e-6)
+    _close(kernels.woq_linear_f32(x, packed, None, use_kernel=True), x @ packed.dequantize().T)
+    torch.testing.assert_close(kernels.dequantize_shared(packed, use_kernel=True), packed.dequantize(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("n,k", [(1, 8), (7, 100), (64, 2048), (5, 33)])
 @pytest.mark.parametrize("rows", [1, 2, 4, 6])
 def test_fp32_matvec_matches_torch(isa, n, k, rows):
     w, x, bias = torch.randn(n, k), torch.randn(rows, k), torch.randn(n)
-    torch.testing.assert_close(ops.linear_f32(x, w, bias), x @ w.T + bias, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernels.linear_f32(x, w, bias), x @ w.T + bias, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("n,k", [(1, 100), (7, 100), (64, 2048)])
 def test_fp32_rows_are_bitwise_independent_of_their_batch(isa, n, k):
     """A row of x gets the same sums alone and among 8 (fp32 decode rows in continuous batching)."""
     w, batch = torch.randn(n, k), torch.randn(8, k)
-    together = ops.linear_f32(batch, w, None)
+    together = kernels.linear_f32(batch, w, None)
     for row in range(8):
-        assert torch.equal(ops.linear_f32(batch[row:row + 1], w, None)[0], together[row])
+        assert torch.equal(kernels.linear_f32(batch[row:row + 1], w, None)[0], together[row])
 
 
 def test_each_row_is_bitwise_independent_of_its_batch(isa):
     packed = kernel_weights(quantize(_weight(40, 128), SPECS[3]))
     batch = torch.randn(9, 128) * torch.logspace(-2, 2, 9)[:, None]
-    together = ops.qlinear(batch, packed, False, None, use_kernel=True)
+    together = kernels.qlinear(batch, packed, False, None, use_kernel=True)
     for row in range(9):
-        assert torch.equal(ops.qlinear(batch[row:row + 1], packed, False, None, use_kernel=True)[0], together[row])
+        assert torch.equal(kernels.qlinear(batch[row:row + 1], packed, False, None, use_kernel=True)[0], together[row])
 
 
 def test_isas_agree_closely():
@@ -96,9 +96,9 @@ def test_isas_agree_closely():
     x = torch.randn(3, 512)
     results = []
     for name in ISAS:
-        ops.set_isa(name)
-        results.append(ops.qlinear(x, packed, False, None, use_kernel=True))
-    ops.set_isa(ISAS[0])
+        kernels.set_isa(name)
+        results.append(kernels.qlinear(x, packed, False, None, use_kernel=True))
+    kernels.set_isa(ISAS[0])
     for other in results[1:]:
         _close(other, results[0], 1e-5)
 
@@ -119,8 +119,8 @@ def test_tiled_kernel_matches_reference(isa, spec, n, k, rows):
     x = torch.randn(rows, k) * torch.logspace(-2, 1, rows)[:, None]
     bias = torch.randn(n)
     for per_row in (False, True):
-        expected = ops.qlinear(x, packed, per_row, bias, use_kernel=False)
-        _close(ops.qlinear_tiled(x, tiles, scales, packed.bits, n, per_row, bias), expected)
+        expected = kernels.qlinear(x, packed, per_row, bias, use_kernel=False)
+        _close(kernels.qlinear_tiled(x, tiles, scales, packed.bits, n, per_row, bias), expected)
 
 
 @pytest.mark.parametrize("spec", TILEABLE, ids=str)
@@ -147,9 +147,9 @@ def test_concatenated_tiles_compute_the_parts_side_by_side(widths):
              for n in widths]
     fused = tiling.concat(parts)
     x = torch.randn(3, 64)
-    expected = torch.cat([ops.qlinear_tiled(x, p.tiles, p.scales, p.bits, p.n, False, None) for p in parts], -1)
+    expected = torch.cat([kernels.qlinear_tiled(x, p.tiles, p.scales, p.bits, p.n, False, None) for p in parts], -1)
     assert fused.shape == (sum(widths), 64)
-    torch.testing.assert_close(ops.qlinear_tiled(x, fused.tiles, fused.scales, fused.bits, fused.n, False, None),
+    torch.testing.assert_close(kernels.qlinear_tiled(x, fused.tiles, fused.scales, fused.bits, fused.n, False, None),
                                expected, rtol=0, atol=0)
 
 
@@ -158,9 +158,9 @@ def test_tiled_rows_are_bitwise_independent_of_their_batch(isa):
         packed = kernel_weights(quantize(_weight(40, 128), spec))
         tiles, scales = tiling.tile(packed)
         batch = torch.randn(9, 128) * torch.logspace(-2, 2, 9)[:, None]
-        together = ops.qlinear_tiled(batch, tiles, scales, packed.bits, 40, False, None)
+        together = kernels.qlinear_tiled(batch, tiles, scales, packed.bits, 40, False, None)
         for row in range(9):
-            alone = ops.qlinear_tiled(batch[row:row + 1], tiles, scales, packed.bits, 40, False, None)
+            alone = kernels.qlinear_tiled(batch[row:row + 1], tiles, scales, packed.bits, 40, False, None)
             assert torch.equal(alone[0], together[row])
 
 
@@ -189,7 +189,7 @@ def test_shape_and_type_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="bias must have 16 values"):
         op(torch.randn(1, 64), packed.qweight, packed.scales, None, 8, 0.0, False, torch.zeros(3))
     with pytest.raises(RuntimeError, match="set_isa: 'sse2' is not supported"):
-        ops.set_isa("sse2")
+        kernels.set_isa("sse2")
     tiles, scales = tiling.tile(packed)
     tiled = torch.ops.cpu_llm.qlinear_tiled
     with pytest.raises(RuntimeError, match=r"tiles must be a contiguous uint8 \[2, K x 16\] tensor for N = 17"):
@@ -216,12 +216,12 @@ def test_ops_trace_into_compiled_graphs_through_their_fake_kernels():
 
 
 def _import_ops_with(isa: str) -> subprocess.CompletedProcess:
-    code = "from cpu_llm import ops; print(ops.current_isa(), ops.supported_isas(), ops.kernel_status())"
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, ops.ISA_ENV: isa},
+    code = "from cpu_llm import kernels; print(kernels.current_isa(), kernels.supported_isas(), kernels.kernel_status())"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, kernels.ISA_ENV: isa},
                           cwd=Path(__file__).resolve().parents[1] / "handlers", capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif("avx2" not in ops.supported_isas(), reason="the kernels do not run on this CPU")
+@pytest.mark.skipif("avx2" not in kernels.supported_isas(), reason="the kernels do not run on this CPU")
 def test_cpu_llm_isa_forces_avx2_on_every_cpu_that_has_it():
     result = _import_ops_with("AVX2")
     assert result.returncode == 0, result.stderr

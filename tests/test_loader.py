@@ -17,14 +17,15 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import ROOT
-from cpu_llm import ops
-from cpu_llm.quant import native_backend, native_smoothquant, quantize, streamed_calibration
-from cpu_llm.errors import QuantizationError
-from cpu_llm.loader import QuantizedLoad, load_quantized
-from cpu_llm.quant.calibration import CalibrationBatch, calibration_loss
-from cpu_llm.model import load_model
-from cpu_llm.quant.quant_config import parse_quantization_config
-from cpu_llm.quant.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear
+from cpu_llm import kernels
+from cpu_llm.config.quantization import parse_quantization_config
+from cpu_llm.core.errors import QuantizationError
+from cpu_llm.layers.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear
+from cpu_llm.load import calibration, native_backend, native_smoothquant, pipeline, streamed_calibration
+from cpu_llm.load.calibration import CalibrationBatch, calibration_loss
+from cpu_llm.load.checkpoint import QuantizedLoad, load_quantized
+from cpu_llm.load.hf import load_model
+from cpu_llm.load.served import ServedModel
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7, 120, 64]])
 
@@ -60,10 +61,10 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
-def _both_ways(source: str, q) -> tuple[quantize.ServedModel, quantize.ServedModel]:
-    streamed = quantize.load_for_serving(source, q, str(ROOT))[0]
+def _both_ways(source: str, q) -> tuple[ServedModel, ServedModel]:
+    streamed = pipeline.load_for_serving(source, q, str(ROOT))[0]
     model = load_model(source)[0]
-    return streamed, quantize.prepare_for_serving(model, None, q, source, str(ROOT))
+    return streamed, pipeline.prepare_for_serving(model, None, q, source, str(ROOT))
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -86,7 +87,7 @@ def test_quantized_model_stays_close_to_fp32(tmp_path):
     source = _llama(tmp_path)
     reference = _logits(load_model(source)[0])
     for woq, tolerance in (({"weight_dtype": "INT8"}, 0.03), ({"weight_dtype": "INT4", "group_size": 32}, 0.2)):
-        logits = _logits(quantize.load_for_serving(source, _woq(woq=woq), str(ROOT))[0].model)
+        logits = _logits(pipeline.load_for_serving(source, _woq(woq=woq), str(ROOT))[0].model)
         assert float((logits - reference).norm() / reference.norm()) < tolerance, woq
 
 
@@ -124,20 +125,20 @@ def test_checkpoints_that_cannot_stream_load_the_usual_way(tmp_path):
     state = load_model(source)[0].state_dict()
     torch.save({k: v for k, v in state.items() if k != "lm_head.weight"}, tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()  # a .bin checkpoint only
-    served = quantize.load_for_serving(source, _woq(), str(ROOT))[0]
+    served = pipeline.load_for_serving(source, _woq(), str(ROOT))[0]
     assert not served.report["quantized_while_loading"] and served.report["quantized_modules"] == 15
 
 
 def test_without_kernels_a_quantized_config_fails_unless_it_opts_into_the_reference_path(tmp_path, monkeypatch,
                                                                                         caplog):
-    monkeypatch.setattr(ops, "_kernels", None)
+    monkeypatch.setattr(kernels, "_kernels", None)
     source = _llama(tmp_path)
     with pytest.raises(QuantizationError, match="make install STACK=") as error:
-        quantize.load_for_serving(source, _woq(), str(ROOT))
+        pipeline.load_for_serving(source, _woq(), str(ROOT))
     assert "quantization.allow_reference_kernels: true" in str(error.value)
-    served = quantize.load_for_serving(source, _woq(allow_reference_kernels=True), str(ROOT))[0]
+    served = pipeline.load_for_serving(source, _woq(allow_reference_kernels=True), str(ROOT))[0]
     assert served.report["kernels"].startswith("reference") and "SLOW REFERENCE PATH" in caplog.text
-    quantize.load_for_serving(source, parse_quantization_config({"backend": "native"}), str(ROOT))  # fp32 needs none
+    pipeline.load_for_serving(source, parse_quantization_config({"backend": "native"}), str(ROOT))  # fp32 needs none
 
 
 def _calibration(lengths: tuple[int, ...] = (24, 24, 24, 11)) -> list[CalibrationBatch]:
@@ -201,14 +202,14 @@ def test_quantizing_takes_less_memory_than_fp32_not_more(model_dir, tmp_path):
     count once read) and RSS after it, fp32 vs WoQ INT8 and a first (uncalibrated) SmoothQuant,
     each in a fresh process (VmHWM: the peak of that process alone)."""
     code = ("import json, sys, torch, yaml; sys.path.insert(0, 'handlers'); "
-            "from cpu_llm.config import parse_serving_config; from cpu_llm.quant.quantize import load_for_serving; "
+            "from cpu_llm.config.serving import parse_serving_config; from cpu_llm.load.pipeline import load_for_serving; "
             "raw = yaml.safe_load(open(sys.argv[1])); raw['quantization']['backend'] = 'native'; "
             "served, info = load_for_serving(sys.argv[2], parse_serving_config(raw).quantization, '.'); "
             "status = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1]); "
             "served.model(input_ids=torch.tensor([[1, 2, 3]])); "
             "print(json.dumps([status('VmHWM') / 1024, status('VmRSS') / 1024]))")
     rss = {}
-    env = {**os.environ, quantize.CACHE_DIR_ENV: str(tmp_path)}  # no calibration cached: SmoothQuant calibrates
+    env = {**os.environ, calibration.CACHE_DIR_ENV: str(tmp_path)}  # no calibration cached: SmoothQuant calibrates
     for name in ("fp32", "woq-int8", "smoothquant"):
         out = subprocess.run([sys.executable, "-c", code, f"configs/{name}.yaml", str(model_dir)], cwd=ROOT,
                              check=True, capture_output=True, text=True, env=env).stdout

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from cpu_llm.quant import native_smoothquant as sq
-from cpu_llm.quant.calibration import CalibrationBatch
-from cpu_llm.errors import QuantizationError
-from cpu_llm.quant.native_backend import quantize_w8a8
-from cpu_llm.quant.quantized_linear import QuantizedLinear
+from cpu_llm.core.errors import QuantizationError
+from cpu_llm.layers.quantized_linear import QuantizedLinear
+from cpu_llm.load import native_smoothquant as sq
+from cpu_llm.load.calibration import CalibrationBatch
+from cpu_llm.load.native_backend import quantize_w8a8
 
 
 def _tiny_llama() -> LlamaForCausalLM:

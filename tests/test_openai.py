@@ -6,13 +6,15 @@ import json
 
 import pytest
 
-from cpu_llm.config import ServingConfig
-from cpu_llm.engine.generation import Sequence, TokenizerInfo
 from cpu_llm.api.openai_api import OpenAIApi
-from cpu_llm.api.request import GenerationRequest, RequestError
 from cpu_llm.api.responses import Reply
 from cpu_llm.api.routes import NATIVE, Router
 from cpu_llm.api.text_stream import TextStream
+from cpu_llm.config.serving import ServingConfig
+from cpu_llm.core.errors import RequestError
+from cpu_llm.core.params import GenerationRequest
+from cpu_llm.core.params import TokenizerInfo
+from cpu_llm.decode.sequence import Sequence
 
 CONFIG = ServingConfig(max_new_tokens=100, default_max_new_tokens=20, max_stop_sequences=4)
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
@@ -134,7 +136,7 @@ def events(body: bytes) -> list[str]:
 @pytest.mark.parametrize("reason,expected", [("eos", "stop"), ("stop", "stop"), ("length", "length"),
                                              ("timeout", "length")])
 def test_chat_completion_body(reason, expected):
-    reply = OpenAIApi("chat", "smollm2", "abc").finished(finished_sequence(False, reason=reason), None, INFO)
+    reply = OpenAIApi("chat", "smollm2", "abc").finished(finished_sequence(False, reason=reason), None)
     body = json.loads(reply.body)
     assert body["id"] == "chatcmpl-abc" and body["object"] == "chat.completion" and body["model"] == "smollm2"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Paris."},
@@ -145,7 +147,7 @@ def test_chat_completion_body(reason, expected):
 
 
 def test_text_completion_body():
-    body = json.loads(OpenAIApi("text", "m", "abc").finished(finished_sequence(False, reason="length"), None, INFO).body)
+    body = json.loads(OpenAIApi("text", "m", "abc").finished(finished_sequence(False, reason="length"), None).body)
     assert body["object"] == "text_completion" and body["id"] == "cmpl-abc"
     assert body["choices"][0]["text"] == "Paris." and body["choices"][0]["finish_reason"] == "length"
 
@@ -157,13 +159,14 @@ def test_streamed_events_add_up_to_the_text_and_end_with_done(kind, include_usag
     base = CHAT if kind == "chat" else {"model": "m", "prompt": "Hi"}
     api.parse({**base, "stream": True, "stream_options": {"include_usage": include_usage}}, CONFIG)
     seq, stream = finished_sequence(True), TextStream()
-    seq.finish_reason, text = None, seq.text
+    seq.finish_reason, seq.generated, text = None, [], seq.text
     body = b""
-    for n in range(1, 4):
-        seq.generated = [ord(c) for c in text[:n]]
-        body += api.chunk(stream.next_piece(seq, INFO))
+    for char in text[:3]:
+        seq.generated.append(ord(char))
+        seq.detokenizer.add(INFO.tokenizer, seq.generated)
+        body += api.chunk(stream.next_piece(seq))
     seq.generated, seq.finish_reason = [ord(c) for c in text], "eos"
-    reply = api.finished(seq, stream, INFO)
+    reply = api.finished(seq, stream)
     assert reply.content_type == "text/event-stream"
     data = events(body + reply.body)
     assert data[-1] == "[DONE]"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from cpu_llm.progress import Progress
+from cpu_llm.core.progress import Progress
 
 
 def test_short_work_logs_nothing(caplog):
-    caplog.set_level(logging.INFO, logger="cpu_llm.progress")
+    caplog.set_level(logging.INFO, logger="cpu_llm.core.progress")
     progress = Progress("reading", 3, every_s=60)
     for _ in range(3):
         progress.step()
@@ -16,7 +16,7 @@ def test_short_work_logs_nothing(caplog):
 
 
 def test_long_work_logs_each_interval_with_what_is_left_and_the_end(caplog):
-    caplog.set_level(logging.INFO, logger="cpu_llm.progress")
+    caplog.set_level(logging.INFO, logger="cpu_llm.core.progress")
     progress = Progress("reading and quantizing: linear layers", 4, every_s=0)
     for _ in range(4):
         progress.step()

@@ -1,7 +1,8 @@
 import pytest
 
-from cpu_llm.config import ConfigError, parse_serving_config
-from cpu_llm.quant.quant_config import parse_quantization_config
+from cpu_llm.config.quantization import parse_quantization_config
+from cpu_llm.config.serving import parse_serving_config
+from cpu_llm.core.errors import ConfigError
 
 
 def test_absent_section_means_no_quantization():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from cpu_llm.config import ConfigError, parse_serving_config
-from cpu_llm.model import load_model
+from cpu_llm.config.serving import parse_serving_config
+from cpu_llm.core.errors import ConfigError
+from cpu_llm.load.hf import load_model
 from quant_report import ROOT, format_report, report
 
 pytestmark = pytest.mark.model

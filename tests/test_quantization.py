@@ -12,14 +12,18 @@ import pytest
 import torch
 import yaml
 
-from cpu_llm import ops
-from cpu_llm.quant import quantize
-from cpu_llm.config import ConfigError, parse_serving_config
-from cpu_llm.engine.generation import Sequence, left_pad, prefill
-from cpu_llm.model import encode_prompt, load_model
-from cpu_llm.quant.quantized_linear import QuantizedLinear
-from cpu_llm.quant.quant_config import parse_quantization_config
+from cpu_llm import kernels
+from cpu_llm.api.prompt import encode_prompt
 from cpu_llm.api.request import parse_request
+from cpu_llm.config.quantization import parse_quantization_config
+from cpu_llm.config.serving import parse_serving_config
+from cpu_llm.core.errors import ConfigError, QuantizationError
+from cpu_llm.decode.sequence import Sequence
+from cpu_llm.engine.hf_steps import left_pad, prefill
+from cpu_llm.engine.select import engine_for
+from cpu_llm.layers.quantized_linear import QuantizedLinear
+from cpu_llm.load import backend, calibration, pipeline
+from cpu_llm.load.hf import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_IPEX = importlib.util.find_spec("intel_extension_for_pytorch") is not None
@@ -37,14 +41,14 @@ def _config(name: str, backend: str = "auto", **changes):
 
 def _serve(model_dir, name: str, backend: str = "auto", **changes):
     config = _config(name, backend, **changes)
-    served, info = quantize.load_for_serving(str(model_dir), config.quantization, str(ROOT))
+    served, info = pipeline.load_for_serving(str(model_dir), config.quantization, str(ROOT))
     return served, info, config
 
 
 def _generate(served, info, config, bodies):
     requests = [parse_request(b, config) for b in bodies]
     prompts = [encode_prompt(info.tokenizer, r, config.max_prompt_tokens) for r in requests]
-    return [r.text for r in served.generate(info, [Sequence.start(r, p) for r, p in zip(requests, prompts)])]
+    return [r.text for r in engine_for(served, info).generate([Sequence.start(r, p) for r, p in zip(requests, prompts)])]
 
 
 def _assert_rows_independent(served, info, config):
@@ -78,13 +82,13 @@ WOQ_COUNTS = {"native": 211, "ipex": 151}  # incl. lm_head; IPEX fuses gate/up a
 
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(quantize.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(calibration.CACHE_DIR_ENV, str(tmp_path / "cache"))
 
 
 def test_bf16_is_refused_on_cpus_without_avx512bw(monkeypatch, model_dir):
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(pipeline, "cpu_flags", lambda: {"avx2", "fma"})
     with pytest.raises(ConfigError) as error:
-        quantize.prepare_for_serving(torch.nn.Linear(2, 2), None, parse_quantization_config({"dtype": "bf16"}),
+        pipeline.prepare_for_serving(torch.nn.Linear(2, 2), None, parse_quantization_config({"dtype": "bf16"}),
                                      str(model_dir), str(ROOT))
     assert error.value.key == "quantization.dtype" and "avx512bw" in str(error.value)
 
@@ -97,18 +101,18 @@ def test_bf16_is_refused_on_cpus_without_avx512bw(monkeypatch, model_dir):
 ])
 def test_native_backend_refuses_what_only_ipex_implements(section, key):
     with pytest.raises(ConfigError) as error:
-        quantize.resolve_backend(parse_quantization_config({**section, "backend": "native"}))
+        backend.resolve_backend(parse_quantization_config({**section, "backend": "native"}))
     assert error.value.key == key
 
 
 def test_auto_picks_native_without_ipex_and_ipex_must_be_installed_to_be_asked_for(monkeypatch):
-    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: None)
-    assert quantize.resolve_backend(parse_quantization_config({"method": "woq"})) == "native"
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)
+    assert backend.resolve_backend(parse_quantization_config({"method": "woq"})) == "native"
     with pytest.raises(ConfigError, match="quantization.backend: ipex: intel-extension-for-pytorch is not installed"):
-        quantize.resolve_backend(parse_quantization_config({"backend": "ipex"}))
+        backend.resolve_backend(parse_quantization_config({"backend": "ipex"}))
 
 
-@pytest.mark.parametrize("section,kernels,expected,why", [
+@pytest.mark.parametrize("section,built,expected,why", [
     ({"method": "woq"}, True, "native", "our quantized kernels decode faster"),
     ({"method": "smoothquant"}, True, "native", "our quantized kernels decode faster"),
     ({"method": "woq", "woq": {"weight_dtype": "INT4"}}, True, "native", "our quantized kernels decode faster"),
@@ -117,25 +121,25 @@ def test_auto_picks_native_without_ipex_and_ipex_must_be_installed_to_be_asked_f
     ({"method": "smoothquant", "dtype": "bf16"}, True, "ipex", "quantization.dtype"),
     ({"method": "woq"}, False, "ipex", "the native kernels are missing"),
 ])
-def test_auto_with_ipex_installed_picks_native_for_what_our_kernels_serve(monkeypatch, caplog, section, kernels,
+def test_auto_with_ipex_installed_picks_native_for_what_our_kernels_serve(monkeypatch, caplog, section, built,
                                                                          expected, why):
     """Measured on every CPU we have run, AMX included: our quantized decode beats IPEX's
     (docs/quantization.md); IPEX keeps fp32, what only it implements, and hosts without our kernels."""
-    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: object())
-    for module in (quantize, ops):  # ops: the native backend's own check, on the native rows
-        monkeypatch.setattr(module, "kernels_available", lambda: kernels)
-    monkeypatch.setattr(quantize, "kernel_status", lambda: "reference (not built)")
-    caplog.set_level(logging.INFO, logger=quantize.logger.name)
-    assert quantize.resolve_backend(parse_quantization_config(section)) == expected
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: object())
+    for module in (backend, kernels):  # kernels: the native backend's own check, on the native rows
+        monkeypatch.setattr(module, "kernels_available", lambda: built)
+    monkeypatch.setattr(backend, "kernel_status", lambda: "reference (not built)")
+    caplog.set_level(logging.INFO, logger=backend.logger.name)
+    assert backend.resolve_backend(parse_quantization_config(section)) == expected
     assert f"quantization backend: {expected} (" in caplog.text and why in caplog.text
 
 
 def test_keep_full_precision_must_name_a_linear_layer():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="'lm_head' is not a linear layer"):
-        quantize.keep_full_precision(model, ("lm_head",))
-    quantize.keep_full_precision(model, ("0",))
-    assert isinstance(model[0], quantize.FullPrecisionLinear)
+        pipeline.keep_full_precision(model, ("lm_head",))
+    pipeline.keep_full_precision(model, ("0",))
+    assert isinstance(model[0], pipeline.FullPrecisionLinear)
 
 
 @pytest.mark.model
@@ -152,7 +156,7 @@ def test_woq_quantizes_every_linear_layer_and_the_lm_head(model_dir, name, backe
         head = served.model.lm_head
         assert head.packed.qweight.dtype == torch.int8 and head.compute == "int8"
         # Tiled on AVX-512 VNNI hosts (every layer, the shared table in place), row layout elsewhere.
-        tiled = ops.current_isa() == "avx512-vnni"
+        tiled = kernels.current_isa() == "avx512-vnni"
         assert served.report["tiled_layers"] == (WOQ_COUNTS[backend] if tiled else 0)
         assert head.tiled == served.model.model.embed_tokens.tiled == tiled
     woq = next(m for m in served.model.modules() if type(m).__name__ == WOQ_MODULES[backend])
@@ -173,7 +177,7 @@ def test_native_woq_with_fp32_compute_keeps_rows_exact(model_dir):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_keep_full_precision_keeps_the_lm_head_and_its_tied_embedding_fp32(model_dir, backend):
     served, info, config = _serve(model_dir, "woq-int8", backend, keep_full_precision=["lm_head"])
-    assert isinstance(served.model.lm_head, quantize.FullPrecisionLinear)
+    assert isinstance(served.model.lm_head, pipeline.FullPrecisionLinear)
     assert served.model.lm_head.weight.dtype == torch.float32
     if backend == "native":
         assert served.model.lm_head.weight is served.model.model.embed_tokens.weight  # one fp32 table, no copy
@@ -240,7 +244,7 @@ def test_native_woq_quantizes_gpt2_conv1d_layers():
     ids = torch.randint(0, 128, (1, 12))
     with torch.inference_mode():
         before = model(ids).logits
-    served = quantize.prepare_for_serving(model, None, parse_quantization_config(
+    served = pipeline.prepare_for_serving(model, None, parse_quantization_config(
         {"method": "woq", "backend": "native"}), "/nonexistent", str(ROOT))
     # 2 layers x 4 Conv1D + the LM head, which reads the int8 rows of the tied embedding
     assert served.report["linear_modules"] == {"QuantizedLinear": 9}
@@ -261,12 +265,12 @@ def test_unsupported_architecture_fails_instead_of_serving_fp32(caplog):
 
     model = tiny_gpt2()
     q = parse_quantization_config({"method": "woq", "backend": "ipex", "keep_full_precision": []})
-    with pytest.raises(quantize.QuantizationError, match="left every linear layer unquantized"):
-        quantize.prepare_for_serving(model, None, q, "/nonexistent", str(ROOT))
+    with pytest.raises(QuantizationError, match="left every linear layer unquantized"):
+        pipeline.prepare_for_serving(model, None, q, "/nonexistent", str(ROOT))
     caplog.set_level(logging.WARNING)
     fallback = parse_quantization_config({"method": "woq", "backend": "ipex", "keep_full_precision": [],
                                           "fallback_to_unquantized": True})
-    served = quantize.prepare_for_serving(tiny_gpt2(), None, fallback, "/nonexistent", str(ROOT))
+    served = pipeline.prepare_for_serving(tiny_gpt2(), None, fallback, "/nonexistent", str(ROOT))
     assert served.report["quantized_modules"] == 0
     assert "SERVING UNQUANTIZED" in caplog.text
 
@@ -275,13 +279,13 @@ def test_unsupported_architecture_fails_instead_of_serving_fp32(caplog):
 @pytest.mark.model
 @pytest.mark.parametrize("section", [
     pytest.param({"dtype": "bf16"}, marks=pytest.mark.skipif(
-        not quantize.bf16_capable(quantize.cpu_flags()), reason="bf16 needs AVX-512 BW or AMX")),
+        not backend.bf16_capable(backend.cpu_flags()), reason="bf16 needs AVX-512 BW or AMX")),
     {"method": "woq", "woq": {"weight_dtype": "NF4", "group_size": 32}},
 ], ids=["bf16", "woq-nf4"])
 def test_other_documented_modes_load_and_generate(model_dir, section):
     model, info = load_model(str(model_dir))
     config = parse_serving_config({"quantization": section})
-    served = quantize.prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT))
+    served = pipeline.prepare_for_serving(model, info.tokenizer, config.quantization, str(model_dir), str(ROOT))
     if section.get("method") == "woq":
         assert served.report["linear_modules"]["WeightOnlyQuantizedLinear"] == 151  # incl. lm_head
     text = _generate(served, info, config, [{"prompt": "The capital of France is", "max_new_tokens": 4}])[0]

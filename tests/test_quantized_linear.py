@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpu_llm import ops
-from cpu_llm.ops import kernel_status
-from cpu_llm.quant import tiling
-from cpu_llm.quant.quantized_linear import (KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
-                                            replace_linears, tile_model)
-from cpu_llm.quant.quantlib import QuantSpec, dequantize, kernel_weights, quantize
+from cpu_llm import kernels
+from cpu_llm.formats import tiling
+from cpu_llm.formats.quantlib import QuantSpec, dequantize, kernel_weights, quantize
+from cpu_llm.kernels import kernel_status
+from cpu_llm.layers.quantized_linear import (KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear, replace_linears, tile_model)
 
 WOQ_SPECS = [QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "affine", "group", 64),
              QuantSpec(4, "affine", "group", 32), QuantSpec(4, "symmetric", "channel")]
@@ -102,7 +101,7 @@ def test_shapes_the_kernel_cannot_take_use_the_reference_path_in_fp32():
 
 
 def test_without_the_extension_everything_still_computes(monkeypatch):
-    monkeypatch.setattr(ops, "_kernels", None)
+    monkeypatch.setattr(kernels, "_kernels", None)
     assert kernel_status().startswith("reference") and "make install" in kernel_status()
     linear = _linear()
     for compute in ("fp32", "int8"):
@@ -124,7 +123,7 @@ def test_quantized_embedding_gathers_scaled_int8_rows():
     assert float((out - table[ids]).abs().max()) <= float(table.abs().max()) / 127
 
 
-@pytest.mark.skipif(ops.current_isa() != tiling.TILED_ISA, reason="layers are tiled on AVX-512 VNNI hosts only")
+@pytest.mark.skipif(kernels.current_isa() != tiling.TILED_ISA, reason="layers are tiled on AVX-512 VNNI hosts only")
 def test_tile_model_tiles_integer_layers_and_a_tied_embedding_reads_the_heads_tiles():
     table = torch.randn(96, 192)
     head = QuantizedLinear(kernel_weights(quantize(table, W8A8)), None, W8A8, "woq", "int8")
@@ -143,7 +142,7 @@ def test_tile_model_tiles_integer_layers_and_a_tied_embedding_reads_the_heads_ti
     assert "tiled" in repr(head)
 
 
-@pytest.mark.parametrize("use_kernel", [False, True] if ops.kernels_available() else [False])
+@pytest.mark.parametrize("use_kernel", [False, True] if kernels.kernels_available() else [False])
 def test_full_precision_linear_is_exact_on_either_path(use_kernel):
     linear = _linear()
     layer = FullPrecisionLinear(linear, use_kernel=use_kernel)

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from cpu_llm.quant.quantlib import (QuantSpec, dequantize, error_metrics, kernel_weights, pack_int4, quantize,
-                              unpack_int4)
+from cpu_llm.formats.quantlib import (QuantSpec, dequantize, error_metrics, kernel_weights, pack_int4, quantize, unpack_int4)
 
 SPECS = [
     QuantSpec(8, "symmetric", "tensor"), QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "affine", "channel"),

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from cpu_llm.config import ServingConfig
-from cpu_llm.api.request import RequestError, parse_request
+from cpu_llm.api.request import parse_request
+from cpu_llm.config.serving import ServingConfig
+from cpu_llm.core.errors import RequestError
 
 CONFIG = ServingConfig(max_new_tokens=100, default_max_new_tokens=20, max_stop_sequences=2)
 
@@ -75,8 +76,9 @@ def test_nan_is_rejected():
 
 
 def test_length_controls_and_stream_are_validated():
-    from cpu_llm.config import ServingConfig
-    from cpu_llm.api.request import RequestError, parse_request
+    from cpu_llm.config.serving import ServingConfig
+    from cpu_llm.core.errors import RequestError
+    from cpu_llm.api.request import parse_request
 
     config = ServingConfig()
     ok = parse_request({"prompt": "x", "max_new_tokens": 10, "min_new_tokens": 10, "ignore_eos": True,

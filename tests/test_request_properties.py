@@ -9,9 +9,11 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpu_llm.config import ServingConfig
 from cpu_llm.api.openai_api import ACCEPTED, CHAT_DEFAULT_ONLY, COMPLETIONS_DEFAULT_ONLY, DEFAULT_ONLY, OpenAIApi
-from cpu_llm.api.request import KNOWN_FIELDS, GenerationRequest, RequestError, parse_request
+from cpu_llm.api.request import KNOWN_FIELDS, parse_request
+from cpu_llm.config.serving import ServingConfig
+from cpu_llm.core.errors import RequestError
+from cpu_llm.core.params import GenerationRequest
 
 CONFIG = ServingConfig()
 PROPERTIES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

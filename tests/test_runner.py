@@ -14,20 +14,23 @@ import torch.nn.functional as F
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from cpu_llm import ops
-from cpu_llm.config import ConfigError, ServingConfig, parse_serving_config
-from cpu_llm.engine.generation import Sequence
-from cpu_llm.layers.fuse import Concat, FullPrecisionGroup, fuse_linears
-from cpu_llm.model import encode_prompt
-from cpu_llm.quant.quantize import ServedModel, load_for_serving
-from cpu_llm.quant.quantized_linear import FullPrecisionLinear, QuantizedLinear
-from cpu_llm.quant.quantlib import QuantSpec
+from cpu_llm import kernels
+from cpu_llm.api.prompt import encode_prompt
 from cpu_llm.api.request import parse_request
+from cpu_llm.config.serving import ServingConfig, parse_serving_config
+from cpu_llm.core.errors import ConfigError
+from cpu_llm.decode.sequence import Sequence
+from cpu_llm.engine.select import engine_for
+from cpu_llm.engine.slot_engine import SlotEngine
+from cpu_llm.formats.quantlib import QuantSpec
+from cpu_llm.layers.fuse import Concat, FullPrecisionGroup, fuse_linears
+from cpu_llm.layers.quantized_linear import FullPrecisionLinear, QuantizedLinear
+from cpu_llm.load.pipeline import load_for_serving
+from cpu_llm.load.served import ServedModel
 from cpu_llm.runner.model_runner import ModelRunner, attach_runner
-from cpu_llm.runner.slot_engine import SlotEngine
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not ops.kernels_available(), reason="kernels not built")
+pytestmark = pytest.mark.skipif(not kernels.kernels_available(), reason="kernels not built")
 GOLDEN = Path(__file__).parent / "data" / "golden_greedy.json"
 CONFIG = ServingConfig(max_new_tokens=64)
 
@@ -45,8 +48,8 @@ def test_slot_attention_matches_its_reference(heads, kv_heads, head_dim):
         k, v = torch.randn(slots, kv_heads, length, head_dim), torch.randn(slots, kv_heads, length, head_dim)
         k2, v2 = k.clone(), v.clone()
         args = (torch.tensor(pos_list), torch.tensor(slot_list))
-        got = ops.slot_attention(qkv, cos, sin, *args, k, v, heads, kv_heads, 0.3)
-        want = ops.slot_attention_reference(qkv, cos, sin, *args, k2, v2, heads, kv_heads, 0.3)
+        got = kernels.slot_attention(qkv, cos, sin, *args, k, v, heads, kv_heads, 0.3)
+        want = kernels.slot_attention_reference(qkv, cos, sin, *args, k2, v2, heads, kv_heads, 0.3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert torch.equal(k, k2) and torch.equal(v, v2)  # the same cache writes, nothing else touched
 
@@ -56,9 +59,9 @@ def test_slot_attention_rows_do_not_depend_on_their_batch():
     cos, sin = torch.randn(64, 32), torch.randn(64, 32)
     k, v = torch.randn(3, 2, 64, 64), torch.randn(3, 2, 64, 64)
     qkv = torch.randn(3, 8 * 64)
-    together = ops.slot_attention(qkv, cos, sin, torch.tensor([9, 30, 4]), torch.tensor([0, 1, 2]),
+    together = kernels.slot_attention(qkv, cos, sin, torch.tensor([9, 30, 4]), torch.tensor([0, 1, 2]),
                                   k.clone(), v.clone(), 4, 2, 0.125)
-    alone = ops.slot_attention(qkv[1:2], cos, sin, torch.tensor([30]), torch.tensor([1]), k.clone(), v.clone(),
+    alone = kernels.slot_attention(qkv[1:2], cos, sin, torch.tensor([30]), torch.tensor([1]), k.clone(), v.clone(),
                                4, 2, 0.125)
     assert torch.equal(together[1:2], alone)
 
@@ -67,7 +70,7 @@ def test_slot_attention_names_what_is_wrong():
     cos = sin = torch.zeros(8, 32)
     k = v = torch.zeros(2, 2, 8, 64)
     good = dict(qkv=torch.zeros(1, 8 * 64), positions=torch.tensor([0]), slots=torch.tensor([0]))
-    call = lambda **kw: ops.slot_attention(kw["qkv"], cos, sin, kw["positions"], kw["slots"], k, v, 4, 2, 1.0)  # noqa: E731
+    call = lambda **kw: kernels.slot_attention(kw["qkv"], cos, sin, kw["positions"], kw["slots"], k, v, 4, 2, 1.0)  # noqa: E731
     with pytest.raises(RuntimeError, match="qkv has 100 columns"):
         call(**{**good, "qkv": torch.zeros(1, 100)})
     with pytest.raises(RuntimeError, match="position 8, beyond the cache length 8"):
@@ -78,32 +81,32 @@ def test_slot_attention_names_what_is_wrong():
         call(**{**good, "positions": torch.tensor([0.0])})
 
 
-@pytest.mark.parametrize("isa", ops.supported_isas())
+@pytest.mark.parametrize("isa", kernels.supported_isas())
 @pytest.mark.parametrize("rows,width", [(1, 576), (7, 100), (33, 2048), (1, 8192)])
 def test_norm_and_activation_ops_match_their_references(rows, width, isa):
     """On every ISA the host runs (vectorized bodies, tails of 1..7 values included)."""
-    best = ops.current_isa()
-    ops.set_isa(isa)
+    best = kernels.current_isa()
+    kernels.set_isa(isa)
     try:
         _check_norm_and_activation(rows, width)
     finally:
-        ops.set_isa(best)
+        kernels.set_isa(best)
 
 
 def _check_norm_and_activation(rows: int, width: int) -> None:
     torch.manual_seed(rows)
     x, delta, weight = torch.randn(rows, width), torch.randn(rows, width), torch.randn(width)
-    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), ops.rms_norm_reference(x, weight, 1e-5))
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5), kernels.rms_norm_reference(x, weight, 1e-5))
     residual = x.clone()
-    normed = ops.add_rms_norm_(residual, delta, weight, 1e-5)
+    normed = kernels.add_rms_norm_(residual, delta, weight, 1e-5)
     assert torch.equal(residual, x + delta)  # the residual stream is updated in place
-    torch.testing.assert_close(normed, ops.rms_norm_reference(x + delta, weight, 1e-5))
+    torch.testing.assert_close(normed, kernels.rms_norm_reference(x + delta, weight, 1e-5))
     gate_up = torch.randn(rows, 2 * width) * 30  # gates far into both tails of exp
-    torch.testing.assert_close(ops.silu_mul(gate_up), ops.silu_mul_reference(gate_up))
+    torch.testing.assert_close(kernels.silu_mul(gate_up), kernels.silu_mul_reference(gate_up))
     extremes = torch.tensor([[-200.0, -88.5, -1e-30, 0.0, 1e-30, 88.5, 200.0] + [1.0] * 7])
-    torch.testing.assert_close(ops.silu_mul(extremes), ops.silu_mul_reference(extremes))
+    torch.testing.assert_close(kernels.silu_mul(extremes), kernels.silu_mul_reference(extremes))
     with pytest.raises(RuntimeError, match="weight must be a contiguous float32 tensor of"):
-        ops.rms_norm(x, torch.randn(width + 1), 1e-5)
+        kernels.rms_norm(x, torch.randn(width + 1), 1e-5)
 
 
 # --- fusion ---------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def test_fp32_parts_on_our_kernel_are_one_call_over_the_weights_in_place(rows):
     with torch.inference_mode():
         torch.testing.assert_close(group(x), torch.cat([F.linear(x, p.weight, p.bias) for p in parts], -1))
     with pytest.raises(RuntimeError, match=r"every weight must be a contiguous float32 \[N, K = 96\]"):
-        ops.linear_f32_cat(x, [parts[0].weight, torch.zeros(4, 95)], None)
+        kernels.linear_f32_cat(x, [parts[0].weight, torch.zeros(4, 95)], None)
 
 
 # --- the model ------------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def test_runner_generates_the_recorded_greedy_tokens(loaded, runner_served):
     """The golden tokens come from transformers' generate(); our forward pass must give them too."""
     golden = json.loads(GOLDEN.read_text())
     bodies = [{"messages": c["messages"], "max_new_tokens": golden["max_new_tokens"]} for c in golden["cases"]]
-    results = runner_served.generate(loaded[1], _seqs(loaded[1], bodies))
+    results = engine_for(runner_served, loaded[1]).generate(_seqs(loaded[1], bodies))
     for case, result in zip(golden["cases"], results):
         expected = [t for t in case["tokens"] if t not in loaded[1].eos_ids]
         assert list(result.token_ids) == expected[:len(result.token_ids)] and len(result.token_ids) >= len(expected)
@@ -184,8 +187,8 @@ BODIES = [
 
 
 def _alone_and_together(served, info) -> tuple[list, list]:
-    alone = [served.generate(info, _seqs(info, [body]))[0].token_ids for body in BODIES]
-    together = [r.token_ids for r in served.generate(info, _seqs(info, BODIES))]
+    alone = [engine_for(served, info).generate(_seqs(info, [body]))[0].token_ids for body in BODIES]
+    together = [r.token_ids for r in engine_for(served, info).generate(_seqs(info, BODIES))]
     return alone, together
 
 
@@ -204,7 +207,7 @@ def test_quantized_runner_rows_are_exactly_batch_invariant(model_dir, config):
     assert alone == together == chunked
 
 
-@pytest.mark.skipif(not ops.kernels_available(), reason="the decoder stack runs on the compiled kernels")
+@pytest.mark.skipif(not kernels.kernels_available(), reason="the decoder stack runs on the compiled kernels")
 @pytest.mark.parametrize("config", [None, "woq-int8.yaml", "woq-int4.yaml", "smoothquant.yaml"])
 def test_the_decoder_stack_gives_the_python_loops_logits_bitwise(model_dir, config):
     """The C++ stack calls the same ops on the same tensors as the Python layers: prefill and
@@ -237,11 +240,11 @@ def test_the_decoder_stack_names_what_is_missing():
     with pytest.raises(RuntimeError, match="heads .3. must be a positive multiple of kv_heads"):
         torch.classes.cpu_llm.DecoderStack(3, 2, 0.125, 1e-5)
     with pytest.raises(RuntimeError, match="add_layer first"):
-        stack.set_linear(0, ops.STACK_BLAS, [torch.zeros(4, 4)], None, 0, 0, 0.0, False)
+        stack.set_linear(0, kernels.STACK_BLAS, [torch.zeros(4, 4)], None, 0, 0, 0.0, False)
     stack.add_layer(torch.ones(4), torch.ones(4))
     with pytest.raises(RuntimeError, match="kind 0 takes 2-2 tensors, got 1"):
-        stack.set_linear(0, ops.STACK_TILED, [torch.zeros(4, 4)], None, 8, 4, 0.0, False)
-    stack.set_linear(0, ops.STACK_BLAS, [torch.zeros(32, 4)], None, 0, 0, 0.0, False)
+        stack.set_linear(0, kernels.STACK_TILED, [torch.zeros(4, 4)], None, 8, 4, 0.0, False)
+    stack.set_linear(0, kernels.STACK_BLAS, [torch.zeros(32, 4)], None, 0, 0, 0.0, False)
     cache = torch.zeros(1, 1, 2, 8, 8)
     with pytest.raises(RuntimeError, match="layer 0 has no o projection"):
         stack.forward(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),

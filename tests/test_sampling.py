@@ -5,13 +5,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from cpu_llm.api.request import SamplingParams
-from cpu_llm.engine.sampling import (
-    apply_repetition_penalty,
-    filter_top_k_top_p,
-    make_generator,
-    pick_next_token,
-)
+from cpu_llm.core.params import SamplingParams
+from cpu_llm.decode.sampling import apply_repetition_penalty, filter_top_k_top_p, make_generator, pick_next_token
 
 
 def _logits(seed: int = 0, size: int = 50) -> torch.Tensor:
@@ -60,7 +55,7 @@ def test_top_k_one_sampling_equals_greedy():
 
 
 def test_sampling_follows_the_distribution_and_never_draws_filtered_tokens():
-    from cpu_llm.engine.sampling import sample
+    from cpu_llm.decode.sampling import sample
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     generator = make_generator(3)

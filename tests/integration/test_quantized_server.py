@@ -2,7 +2,7 @@
 
 In the native stack as shipped (`backend: auto` picks native there); in the ipex stack with
 `backend: ipex`, so IPEX's quantized serving stays covered now that auto picks native in both
-(quantize.resolve_backend; its rule is pinned by tests/test_quantization.py)."""
+(load.backend.resolve_backend; its rule is pinned by tests/test_quantization.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import pytest
 import requests
 import yaml
 
-from cpu_llm import ops
-
-from cpu_llm.quant import quantize
+from cpu_llm import kernels
+from cpu_llm.load import calibration
 from serve import ROOT
 
 from .server import package, running_server
@@ -45,7 +44,7 @@ def _quant_reports(log_dir: Path) -> dict[str, dict]:
 
 
 def test_every_mode_is_served_quantized_and_smoothquant_calibration_is_reused(tmp_path, model_dir, monkeypatch):
-    monkeypatch.setenv(quantize.CACHE_DIR_ENV, str(tmp_path / "cache"))  # the workers inherit it
+    monkeypatch.setenv(calibration.CACHE_DIR_ENV, str(tmp_path / "cache"))  # the workers inherit it
     store = None
     for mode in MODES:
         raw = yaml.safe_load((ROOT / "configs" / f"{mode}.yaml").read_text())
@@ -68,7 +67,7 @@ def test_every_mode_is_served_quantized_and_smoothquant_calibration_is_reused(tm
         assert {k: v for k, v in reports[mode]["linear_modules"].items() if k in modules} == modules, mode
         assert reports[mode]["backend"] == BACKEND
     if BACKEND == "native":
-        assert all(r["kernels"] == ops.kernel_status() and r["kernels"].startswith("cpu_llm_kernels (")
+        assert all(r["kernels"] == kernels.kernel_status() and r["kernels"].startswith("cpu_llm_kernels (")
                    for r in reports.values())
     assert len(list((tmp_path / "cache" / "smoothquant").glob("*.json"))) == 1
 

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..config import ServingConfig
-from ..engine.generation import GenerationResult, Sequence, TokenizerInfo
-from .request import GenerationRequest, RequestError, decode_body, parse_request
+from ..config.serving import ServingConfig
+from ..core.errors import RequestError
+from ..core.params import GenerationRequest
+from ..decode.sequence import GenerationResult, Sequence
+from .request import decode_body, parse_request
 from .responses import JSON, Reply
 from .text_stream import TextStream
 
@@ -81,7 +83,7 @@ class OpenAIApi:
         """One SSE event carrying new text (nothing when there is none)."""
         return self._event(self._choice(piece, None)) if piece else b""
 
-    def finished(self, seq: Sequence, stream: TextStream | None, info: TokenizerInfo) -> Reply:
+    def finished(self, seq: Sequence, stream: TextStream | None) -> Reply:
         """The whole response, or the stream's last events: rest of the text, finish, usage, [DONE]."""
         result = seq.result()
         reason = FINISH_REASONS[result.finish_reason]
@@ -89,7 +91,7 @@ class OpenAIApi:
             body = {**self._header(""), "choices": [self._choice(result.text, reason, whole=True)],
                     "usage": usage(result)}
             return Reply(json.dumps(body, ensure_ascii=False).encode("utf-8"))
-        events = self.chunk(stream.next_piece(seq, info)) + self._event(self._choice("", reason))
+        events = self.chunk(stream.next_piece(seq)) + self._event(self._choice("", reason))
         if self.include_usage:
             events += self._event(None, usage(result))
         return Reply(events + DONE, content_type=EVENT_STREAM)

@@ -9,52 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..config import ServingConfig
+from ..config.serving import ServingConfig
+from ..core.errors import RequestError
+from ..core.params import GenerationRequest, SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_SEED = 2**63 - 1
-
-
-class RequestError(ValueError):
-    """A client error in one request; `field` names the offending JSON field."""
-
-    def __init__(self, field_name: str, message: str, status: int = 400) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.message = message
-        self.status = status
-
-    def to_json(self) -> dict[str, Any]:
-        return {"error": {"field": self.field, "message": self.message, "code": self.status}}
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each next token. Greedy unless `do_sample` is true."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filtering
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One validated request. Exactly one of `prompt` / `messages` is set."""
-
-    prompt: str | None
-    messages: tuple[Mapping[str, str], ...] | None
-    max_new_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    stream: bool = False  # send the text as it is generated, one JSON line per chunk
-    min_new_tokens: int = 0  # the end-of-sequence token cannot be chosen before this many tokens
-    ignore_eos: bool = False  # keep generating after end-of-sequence (benchmarks: exact output lengths)
 
 
 JSON_HINT = 'send a JSON object with Content-Type: application/json, such as {"prompt": "Hi"}'

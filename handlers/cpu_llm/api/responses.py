@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.generation import GenerationResult, Sequence, TokenizerInfo
-from .request import RequestError
+from ..core.errors import RequestError
+from ..decode.sequence import GenerationResult, Sequence
 from .text_stream import TextStream
 
 JSON = "application/json"
@@ -78,9 +78,9 @@ def error_reply(error: RequestError) -> Reply:
     return Reply(json.dumps(error.to_json()).encode("utf-8"), status=error.status)
 
 
-def finished_reply(seq: Sequence, stream: TextStream | None, info: TokenizerInfo) -> Reply:
+def finished_reply(seq: Sequence, stream: TextStream | None) -> Reply:
     """The last reply of a finished request: the whole JSON body, or the stream's last line."""
     result = seq.result()
     if stream is not None:
-        return Reply(last_line(stream.next_piece(seq, info), result), content_type=JSON_LINES)
+        return Reply(last_line(stream.next_piece(seq), result), content_type=JSON_LINES)
     return Reply(json.dumps(response_body(result), ensure_ascii=False).encode("utf-8"))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from ..config import ServingConfig
-from ..engine.generation import Sequence, TokenizerInfo
+from ..config.serving import ServingConfig
+from ..core.errors import RequestError
+from ..core.params import GenerationRequest
+from ..decode.sequence import Sequence
 from .openai_api import OpenAIApi, health_reply, models_reply, not_found_reply
-from .request import GenerationRequest, RequestError, parse_request
+from .request import parse_request
 from .responses import JSON, JSON_LINES, Reply, error_reply, finished_reply, text_line
 from .text_stream import TextStream
 
@@ -29,7 +31,7 @@ class Api(Protocol):
 
     def chunk(self, piece: str) -> bytes: ...
 
-    def finished(self, seq: Sequence, stream: TextStream | None, info: TokenizerInfo) -> Reply: ...
+    def finished(self, seq: Sequence, stream: TextStream | None) -> Reply: ...
 
     def error(self, error: RequestError) -> Reply: ...
 
@@ -46,8 +48,8 @@ class NativeApi:
     def chunk(self, piece: str) -> bytes:
         return text_line(piece) if piece else b""
 
-    def finished(self, seq: Sequence, stream: TextStream | None, info: TokenizerInfo) -> Reply:
-        return finished_reply(seq, stream, info)
+    def finished(self, seq: Sequence, stream: TextStream | None) -> Reply:
+        return finished_reply(seq, stream)
 
     def error(self, error: RequestError) -> Reply:
         return error_reply(error)

@@ -1,1 +1,2 @@
-"""Generation state and steps: sequences, sampling, stop strings, the Hugging Face path's engine and KV batch."""
+"""The engines: one `step()` that schedules, runs and records, and `generate()` = step until finished,
+for our runner (slot_engine) and the Hugging Face / IPEX path (hf_engine)."""

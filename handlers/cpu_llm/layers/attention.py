@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from .. import ops
+from .. import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -56,5 +56,5 @@ def attention(qkv: torch.Tensor, rotary: RotaryTable, positions: torch.Tensor, s
               cache: SlotKVCache, layer: int, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
     """Rotate q and k, write k and v at each token's (slot, position), attend over each token's
     own slot up to its position. qkv (N, (heads + 2 kv_heads) * D) -> (N, heads * D)."""
-    return ops.slot_attention(qkv, rotary.cos, rotary.sin, positions, slots, cache.layer_keys[layer],
+    return kernels.slot_attention(qkv, rotary.cos, rotary.sin, positions, slots, cache.layer_keys[layer],
                               cache.layer_values[layer], heads, kv_heads, scale)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
-from ..quant import tiling
-from ..quant.quantized_linear import FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedLinear, stack_linear_f32
-from ..quant.quantlib import PackedWeight
+from .. import kernels
+from ..formats import tiling
+from ..formats.quantlib import PackedWeight
+from .quantized_linear import FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedLinear, stack_linear_f32
 
 
 class Concat(torch.nn.Module):
@@ -32,7 +32,7 @@ class Concat(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)
 
-    def stack_linear(self) -> ops.StackLinear | None:
+    def stack_linear(self) -> kernels.StackLinear | None:
         """Plain fp32 nn.Linear parts, all with a bias or none: one BLAS product each, as forward()
         computes them, for the decoder stack (None for other parts)."""
         parts = list(self.parts)
@@ -53,10 +53,10 @@ class FullPrecisionGroup(Concat):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] <= FP32_KERNEL_MAX_ROWS and x.dtype == torch.float32 and x.is_contiguous():
-            return ops.linear_f32_cat(x, self.weights, self.bias)
+            return kernels.linear_f32_cat(x, self.weights, self.bias)
         return super().forward(x)
 
-    def stack_linear(self) -> ops.StackLinear | None:
+    def stack_linear(self) -> kernels.StackLinear | None:
         """The op forward() calls for 2-D float32 decode rows, for the decoder stack."""
         return stack_linear_f32(self.weights, self.bias, use_kernel=True)
 

@@ -4,11 +4,11 @@ Hugging Face model whose linear layers may already be quantized.
 Why not the Hugging Face modules: each decode step through them pays ~2,000 small ops of masks,
 cache bookkeeping and transposes (~10-20 ms on a 30-layer model). Here a layer is seven ops: two
 residual adds fused with their RMSNorms, the fused q/k/v projection, one attention op (rotary,
-cache write and attention over the request's own slot: ops.slot_attention), o_proj, the fused
+cache write and attention over the request's own slot: kernels.slot_attention), o_proj, the fused
 gate/up projection with SiLU x up, and down_proj. Tokens of all requests are flattened into one (N, hidden)
 batch, with no padding; logits are computed for the positions that need a next token only.
 
-With the compiled kernels, every layer runs in one call (`ops.decoder_stack`, a C++ loop over
+With the compiled kernels, every layer runs in one call (`kernels.decoder_stack`, a C++ loop over
 the same ops on the same tensors, so bitwise the same result) for inputs of up to `stack_rows`
 tokens: the ~240 op calls of a SmolLM2 decode step no longer each pay Python's and the
 dispatcher's microseconds. Longer inputs (prefill chunks), and layers of a kind it does not know,
@@ -27,11 +27,11 @@ from typing import Iterator
 
 import torch
 
-from .. import ops
+from .. import kernels
+from ..core.memory import release_freed_memory
 from ..layers.attention import RotaryTable, SlotKVCache, attention
 from ..layers.fuse import fuse_linears
-from ..loader import release_freed_memory
-from ..quant.quantized_linear import stack_linear_f32
+from ..layers.quantized_linear import stack_linear_f32
 from .weight_arena import pack_weights
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -86,15 +86,15 @@ class DecoderLayer(torch.nn.Module):
                 positions: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
         """x (N, hidden) is the residual stream, `delta` what the previous layer adds to it (added
         here, in place, fused with the norm); returns what this layer adds."""
-        h = (ops.rms_norm(x, self.input_norm, shape.eps) if delta is None
-             else ops.add_rms_norm_(x, delta, self.input_norm, shape.eps))  # (N, hidden)
+        h = (kernels.rms_norm(x, self.input_norm, shape.eps) if delta is None
+             else kernels.add_rms_norm_(x, delta, self.input_norm, shape.eps))  # (N, hidden)
         qkv = self.qkv_proj(h)  # (N, (heads + 2 kv_heads) * head_dim)
         a = attention(qkv, rotary, positions, slots, cache, index, shape.heads, shape.kv_heads, shape.scale)
-        h = ops.add_rms_norm_(x, self.o_proj(a), self.post_attention_norm, shape.eps)
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(h)))  # gate_up: (N, 2 intermediate)
+        h = kernels.add_rms_norm_(x, self.o_proj(a), self.post_attention_norm, shape.eps)
+        return self.down_proj(kernels.silu_mul(self.gate_up_proj(h)))  # gate_up: (N, 2 intermediate)
 
 
-def stack_linear(module: torch.nn.Module) -> ops.StackLinear | None:
+def stack_linear(module: torch.nn.Module) -> kernels.StackLinear | None:
     """How the decoder stack calls `module` (None: it cannot)."""
     if hasattr(module, "stack_linear"):
         return module.stack_linear()
@@ -106,7 +106,7 @@ def stack_linear(module: torch.nn.Module) -> ops.StackLinear | None:
 def build_stack(layers: list[DecoderLayer], shape: Shape) -> tuple[torch.ScriptObject | None, int]:
     """(the decoder stack running `layers`, the most tokens it serves), or (None, 0) when the
     kernels are missing or a projection is of a kind the stack does not call."""
-    if not ops.kernels_available():
+    if not kernels.kernels_available():
         return None, 0
     specs = []
     for layer in layers:
@@ -115,7 +115,7 @@ def build_stack(layers: list[DecoderLayer], shape: Shape) -> tuple[torch.ScriptO
             return None, 0
         specs.append((layer.input_norm, layer.post_attention_norm, linears))
     rows = min(lin.max_rows for _, _, linears in specs for lin in linears)
-    return ops.decoder_stack(shape.heads, shape.kv_heads, shape.scale, shape.eps, specs), rows
+    return kernels.decoder_stack(shape.heads, shape.kv_heads, shape.scale, shape.eps, specs), rows
 
 
 class LlamaModel(torch.nn.Module):
@@ -162,5 +162,5 @@ class LlamaModel(torch.nn.Module):
             delta = None
             for index, layer in enumerate(self.layers):
                 delta = layer(x, delta, index, self.shape, rotary, positions, slots, cache)
-        x = ops.add_rms_norm_(x[last], delta[last], self.norm, self.shape.eps)  # (B, hidden)
+        x = kernels.add_rms_norm_(x[last], delta[last], self.norm, self.shape.eps)  # (B, hidden)
         return self.lm_head(x).float()  # (B, vocab)

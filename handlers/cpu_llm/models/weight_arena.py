@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..loader import release_freed_memory
+from ..core.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 

@@ -1,2 +1,1 @@
-"""The model runner: our Llama forward over a slot KV cache, and the engine that schedules
-decode steps and chunked prefills onto it."""
+"""The model runner: our Llama forward pass over a slot KV cache, and the choice, at load, to use it."""

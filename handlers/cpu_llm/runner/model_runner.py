@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import psutil
 import torch
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from ..kernels import kernels_available
 from ..layers.attention import RotaryTable, SlotKVCache
 from ..models.llama import LlamaModel, unsupported_reason
-from ..ops import kernels_available
 
 if TYPE_CHECKING:
-    from ..quant.quantize import ServedModel
+    from ..load.pipeline import ServedModel
 
 logger = logging.getLogger(__name__)
 # The KV cache may take at most this share of the memory available at load.

@@ -1,4 +1,4 @@
-"""TorchServe's `continuousBatching` protocol around an engine (ContinuousEngine or SlotEngine).
+"""TorchServe's `continuousBatching` protocol around an engine (engine.base.Engine).
 
 With `continuousBatching: true` the frontend calls `handle()` again and again with every
 in-flight request: a new one carries its parameters (its body), a running one comes back with
@@ -23,27 +23,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
-from ..config import ServingConfig
-from ..engine.generation import Sequence, TokenizerInfo
-from ..model import encode_prompt
-from ..api.request import RequestError, request_body
 from ..api.responses import Reply
 from ..api.routes import Api
 from ..api.text_stream import TextStream
-
-
-
-class Engine(Protocol):
-    """What a session drives: engine.hf_engine.ContinuousEngine (Hugging Face path) or runner.slot_engine.SlotEngine."""
-
-    seqs: dict[str, Sequence]
-
-    @property
-    def in_flight(self) -> int: ...
-
-    def step(self, new: dict[str, Sequence], wanted: set[str]) -> tuple[dict[str, Sequence], int]: ...
+from ..config.serving import ServingConfig
+from ..core.errors import RequestError
+from ..core.params import TokenizerInfo
+from ..decode.sequence import Sequence
+from ..engine.base import Engine
+from .intake import admit
 
 
 class ContinuousSession:
@@ -79,14 +69,12 @@ class ContinuousSession:
                 wanted.add(rid)
             else:
                 try:
-                    request = route.parse(request_body(row), self.config)
-                    ids = encode_prompt(self.info.tokenizer, request, self.config.max_prompt_tokens)
+                    new[rid] = admit(row, route, self.config, self.info, arrived)
                 except RequestError as error:
                     replies[rid] = self._whole(rid, route.error(error))
                     continue
-                new[rid] = Sequence.start(request, ids, arrived)
                 self.apis[rid] = route
-                if request.stream:
+                if new[rid].request.stream:
                     self.streams[rid] = TextStream()
         if new or wanted or self.engine.in_flight:
             touched, cancelled = self.engine.step(new, wanted)
@@ -116,10 +104,10 @@ class ContinuousSession:
         stream, api = self.streams.get(rid), self.apis[rid]
         content_type = api.content_type(stream is not None)
         if not seq.done:
-            body = api.chunk(stream.next_piece(seq, self.info)) if stream else b""
+            body = api.chunk(stream.next_piece(seq)) if stream else b""
             return Reply(body, final=False, content_type=content_type)
         self.on_finished(seq)
-        final = api.finished(seq, self.streams.pop(rid, None), self.info)
+        final = api.finished(seq, self.streams.pop(rid, None))
         if first:
             self.pending[rid] = final
             return Reply(b"", final=False, content_type=content_type)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.generation import Sequence
+from ..decode.sequence import Sequence
 
 
 class ServingMetrics:

@@ -13,9 +13,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .config import HANDLER_SECTION, ConfigError
-from .engine.generation import TokenizerInfo
-from .api.request import GenerationRequest, RequestError
+from ..config.serving import HANDLER_SECTION
+from ..core.errors import ConfigError
+from ..core.params import TokenizerInfo
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The one API difference of the two stacks: the name of the dtype argument when building a model.
@@ -68,29 +68,7 @@ def max_positions(served) -> int | None:
     """Longest sequence the served model handles: its context, capped by IPEX's KV cache."""
     limit = getattr(served.model.config, "max_position_embeddings", None)
     if served.backend == "ipex":
-        from .quant.ipex_backend import IPEX_MAX_POSITIONS
+        from .ipex_backend import IPEX_MAX_POSITIONS
 
         limit = min(limit or IPEX_MAX_POSITIONS, IPEX_MAX_POSITIONS)
     return limit
-
-
-def encode_prompt(tokenizer, request: GenerationRequest, max_prompt_tokens: int) -> list[int]:
-    """Token ids of the prompt (chat messages through the model's chat template)."""
-    if request.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise RequestError("messages", "this model has no chat template; send 'prompt' instead")
-        text = tokenizer.apply_chat_template(
-            list(request.messages), tokenize=False, add_generation_prompt=True
-        )
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        field = "messages"
-    else:
-        ids = tokenizer(request.prompt).input_ids
-        field = "prompt"
-    if not ids:
-        raise RequestError(field, "encodes to no tokens; send some text")
-    if len(ids) > max_prompt_tokens:
-        raise RequestError(
-            field, f"is {len(ids)} tokens long; this server accepts at most {max_prompt_tokens}"
-        )
-    return ids

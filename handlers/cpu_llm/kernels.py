@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .quant.quantlib import PackedWeight
+from .core.errors import ConfigError
+from .formats.quantlib import PackedWeight
 
 try:
     import cpu_llm_kernels as _kernels
@@ -202,7 +202,7 @@ def qlinear_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, off
 
 def qlinear_tiled(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, bits: int, n: int, act_per_row: bool,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """qlinear for a weight in the tiled layout (quant/tiling.py); x float32 (M, K) contiguous."""
+    """qlinear for a weight in the tiled layout (formats/tiling.py); x float32 (M, K) contiguous."""
     return _QLINEAR_TILED(x, tiles, scales, bits, n, act_per_row, bias)
 
 

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..loader import Checkpoint, QuantizedLoad, missing_tensors, parameters_on_meta, release_freed_memory
-from ..model import FP32
-from ..progress import Progress
+from ..core.memory import release_freed_memory
+from ..core.progress import Progress
+from ..layers.quantized_linear import tile_model
 from .calibration import CalibrationBatch, pad_into_one, stack_equal_lengths
+from .checkpoint import Checkpoint, QuantizedLoad, missing_tensors, parameters_on_meta
+from .hf import FP32
 from .native_smoothquant import collect_activation_maxima, norms_fold
-from .quantized_linear import tile_model
 
 logger = logging.getLogger(__name__)
 LAYERS = "model.layers."  # where smoothing_groups finds the decoder layers

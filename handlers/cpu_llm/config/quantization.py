@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 SECTION = "quantization"
 METHODS = ("none", "woq", "smoothquant")

@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ConfigError
-from .quant.quant_config import SECTION as QUANTIZATION_SECTION
-from .quant.quant_config import QuantizationConfig, parse_quantization_config
+from ..core.errors import ConfigError
+from .quantization import QuantizationConfig, parse_quantization_config
+from .quantization import SECTION as QUANTIZATION_SECTION
 
 # Keys TorchServe 0.12's frontend reads from model-config.yaml (ModelConfig.java).
 FRONTEND_INT_KEYS = {

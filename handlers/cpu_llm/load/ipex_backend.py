@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
+from ..config.quantization import QuantizationConfig, WoqConfig
 from .calibration import CalibrationBatch, alpha_candidates, calibration_loss
-from .quant_config import QuantizationConfig, WoqConfig
 
 logger = logging.getLogger(__name__)
 # IPEX's indirect-access KV cache tracks beams for this many positions.

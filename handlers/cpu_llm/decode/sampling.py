@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..api.request import SamplingParams
+from ..core.params import SamplingParams
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

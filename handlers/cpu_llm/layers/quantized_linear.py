@@ -9,7 +9,7 @@ the pass that swaps them into a model.
 - `QuantizedEmbedding`: int8 rows with one scale each, gathered; a tied LM head shares them.
 - `FullPrecisionLinear`: an fp32 layer quantization passes leave alone, on our matrix-vector
   kernel when the host's BLAS is slower at decode shapes.
-All run on the compiled kernels (ops.py) when present; `use_kernel` says so per layer.
+All run on the compiled kernels (kernels.py) when present; `use_kernel` says so per layer.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from . import tiling
-from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
+from .. import kernels
+from ..formats import tiling
+from ..formats.quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
 
 KINDS = ("woq", "w8a8")
 COMPUTES = ("int8", "fp32")
@@ -51,9 +51,9 @@ class QuantizedLinear(torch.nn.Module):
         self.register_buffer("offsets", None if self.tiled else packed.offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         group = self.in_features // packed.scales.shape[1]
-        self.use_kernel = ops.kernels_available() and self.in_features % ops.BLOCK == 0 and group % ops.BLOCK == 0
+        self.use_kernel = kernels.kernels_available() and self.in_features % kernels.BLOCK == 0 and group % kernels.BLOCK == 0
         # Activations are quantized per block of 32: a width that is not a multiple of 32 keeps fp32 compute.
-        self.compute = compute if self.in_features % ops.BLOCK == 0 else "fp32"
+        self.compute = compute if self.in_features % kernels.BLOCK == 0 else "fp32"
         self.integer_kernel = self.use_kernel and (kind == "w8a8" or self.compute == "int8")
 
     @classmethod
@@ -80,7 +80,7 @@ class QuantizedLinear(torch.nn.Module):
     def can_tile(self) -> bool:
         """Whether this host's kernels serve the weight tiled (integer compute on AVX-512 VNNI,
         symmetric weights)."""
-        return (not self.tiled and self.integer_kernel and ops.current_isa() == tiling.TILED_ISA
+        return (not self.tiled and self.integer_kernel and kernels.current_isa() == tiling.TILED_ISA
                 and tiling.can_tile(self.packed))
 
     def tile(self, scratch: torch.Tensor | None = None) -> bool:
@@ -96,36 +96,36 @@ class QuantizedLinear(torch.nn.Module):
             shape = x.shape
             x2 = x if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous() \
                 else x.reshape(-1, self.in_features).float().contiguous()  # (rows, K)
-            y = ops.qlinear_tiled(x2, self.qweight, self.scales, self.bits, self.out_features, self.kind == "w8a8",
+            y = kernels.qlinear_tiled(x2, self.qweight, self.scales, self.bits, self.out_features, self.kind == "w8a8",
                                   self.bias)
             return y if x2 is x else y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         if self.integer_kernel and x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
             # The model runner's rows: straight to the kernel (each step below costs ~1 us, x 200 calls).
-            return ops.qlinear_2d(x, self.qweight, self.scales, self.offsets, self.bits, self.zero,
+            return kernels.qlinear_2d(x, self.qweight, self.scales, self.offsets, self.bits, self.zero,
                                   self.kind == "w8a8", self.bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float().contiguous()  # (rows, K)
         if self.kind == "w8a8" or self.compute == "int8":
             # Every row count takes the same integer path, so a row's result never depends on
             # how many rows (prompt tokens, batch companions) share the call.
-            y = ops.qlinear(x2, self.packed, self.kind == "w8a8", self.bias, self.use_kernel)
+            y = kernels.qlinear(x2, self.packed, self.kind == "w8a8", self.bias, self.use_kernel)
         elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS:
-            y = ops.woq_linear_f32(x2, self.packed, self.bias, self.use_kernel)
+            y = kernels.woq_linear_f32(x2, self.packed, self.bias, self.use_kernel)
         else:
-            y = F.linear(x2, ops.dequantize_shared(self.packed, self.use_kernel), self.bias)
+            y = F.linear(x2, kernels.dequantize_shared(self.packed, self.use_kernel), self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
-    def stack_linear(self) -> ops.StackLinear | None:
+    def stack_linear(self) -> kernels.StackLinear | None:
         """The op forward() calls for 2-D float32 rows, for the decoder stack (None: no kernel)."""
         weights = (self.qweight, self.scales) + (() if self.offsets is None else (self.offsets,))
         if self.tiled:
-            return ops.StackLinear(ops.STACK_TILED, weights, self.bias, self.bits, self.out_features,
+            return kernels.StackLinear(kernels.STACK_TILED, weights, self.bias, self.bits, self.out_features,
                                    act_per_row=self.kind == "w8a8")
         if self.integer_kernel:
-            return ops.StackLinear(ops.STACK_ROWS, weights, self.bias, self.bits, zero=self.zero,
+            return kernels.StackLinear(kernels.STACK_ROWS, weights, self.bias, self.bits, zero=self.zero,
                                    act_per_row=self.kind == "w8a8")
         if self.use_kernel:
-            return ops.StackLinear(ops.STACK_WOQ_F32, weights, self.bias, self.bits, zero=self.zero,
+            return kernels.StackLinear(kernels.STACK_WOQ_F32, weights, self.bias, self.bits, zero=self.zero,
                                    max_rows=KERNEL_MAX_ROWS)
         return None
 
@@ -133,7 +133,7 @@ class QuantizedLinear(torch.nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
                 f"bits={self.bits}, {self.spec.scheme} per {self.spec.granularity}"
                 + (f" of {self.spec.group_size}" if self.spec.group_size else "")
-                + f", compute={self.compute}, kernel={ops.current_isa() if self.use_kernel else 'reference'}"
+                + f", compute={self.compute}, kernel={kernels.current_isa() if self.use_kernel else 'reference'}"
                 + (", tiled" if self.tiled else ""))
 
 
@@ -173,26 +173,26 @@ class FullPrecisionLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_kernel and x.dim() == 2 and x.shape[0] <= FP32_KERNEL_MAX_ROWS and x.dtype == torch.float32 \
                 and x.is_contiguous():  # the model runner's decode rows, straight to the kernel
-            return ops.linear_f32(x, self.weight, self.bias)
+            return kernels.linear_f32(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1]
         if self.use_kernel and rows <= FP32_KERNEL_MAX_ROWS and x.dtype == torch.float32:
-            y = ops.linear_f32(x.reshape(rows, -1).contiguous(), self.weight, self.bias)
+            y = kernels.linear_f32(x.reshape(rows, -1).contiguous(), self.weight, self.bias)
             return y.reshape(*x.shape[:-1], self.weight.shape[0])
         return F.linear(x, self.weight, self.bias)
 
-    def stack_linear(self) -> ops.StackLinear | None:
+    def stack_linear(self) -> kernels.StackLinear | None:
         """The op forward() calls for 2-D float32 rows, for the decoder stack."""
         return stack_linear_f32([self.weight], self.bias, self.use_kernel)
 
 
-def stack_linear_f32(weights: list[torch.Tensor], bias: torch.Tensor | None, use_kernel: bool) -> ops.StackLinear | None:
+def stack_linear_f32(weights: list[torch.Tensor], bias: torch.Tensor | None, use_kernel: bool) -> kernels.StackLinear | None:
     """fp32 weights (side by side) as the decoder stack calls them: our matrix-vector kernel for
     decode rows where `use_kernel`, else the BLAS, one product per weight; None for other dtypes."""
     if any(w.dtype != torch.float32 for w in weights):
         return None
     if use_kernel:
-        return ops.StackLinear(ops.STACK_F32, tuple(weights), bias, max_rows=FP32_KERNEL_MAX_ROWS)
-    return ops.StackLinear(ops.STACK_BLAS, tuple(weights), bias)
+        return kernels.StackLinear(kernels.STACK_F32, tuple(weights), bias, max_rows=FP32_KERNEL_MAX_ROWS)
+    return kernels.StackLinear(kernels.STACK_BLAS, tuple(weights), bias)
 
 
 def parameter_count(model: torch.nn.Module) -> int:

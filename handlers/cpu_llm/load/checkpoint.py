@@ -14,7 +14,6 @@ and the caller loads the usual way and quantizes afterwards.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -24,10 +23,11 @@ from typing import Callable, Iterator
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from .model import FP32
-from .progress import Progress
-from .quant.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear, set_module
-from .quant.quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
+from ..core.memory import release_freed_memory
+from ..core.progress import Progress
+from ..formats.quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
+from ..layers.quantized_linear import FullPrecisionLinear, QuantizedEmbedding, as_linear, set_module
+from .hf import FP32
 
 logger = logging.getLogger(__name__)
 ROWS_PER_SLICE = 1024  # rows quantized at a time: a few MB of fp32 in flight
@@ -35,19 +35,6 @@ ROWS_PER_SLICE = 1024  # rows quantized at a time: a few MB of fp32 in flight
 LinearConverter = Callable[[str, Callable[[QuantSpec], PackedWeight], torch.Tensor | None], torch.nn.Module]
 # (checkpoint key, rows read, first row) -> the value to load instead
 Transform = Callable[[str, torch.Tensor, int], torch.Tensor]
-
-
-try:
-    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):  # not glibc
-    _malloc_trim = None
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by the slices back to the OS. glibc keeps freed heap memory for reuse
-    (about 400 MB after quantizing a 1B model slice by slice), which would count as RSS."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 @contextlib.contextmanager

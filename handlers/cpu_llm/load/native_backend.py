@@ -21,14 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from . import native_smoothquant as smoothquant, streamed_calibration
-from .. import ops
+from .. import kernels
+from ..config.quantization import SECTION, QuantizationConfig, WoqConfig
+from ..core.errors import ConfigError, QuantizationError
+from ..formats.quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
+from ..layers.quantized_linear import (FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear, replace_linears, set_module)
 from .calibration import CalibrationBatch, alpha_candidates
-from ..errors import ConfigError, QuantizationError
-from ..loader import Checkpoint, LinearConverter, QuantizedLoad, Transform
-from .quant_config import SECTION, QuantizationConfig, WoqConfig
-from .quantized_linear import (FP32_KERNEL_MAX_ROWS, FullPrecisionLinear, QuantizedEmbedding, QuantizedLinear,
-                               replace_linears, set_module)
-from .quantlib import PackedWeight, QuantSpec, kernel_weights, quantize
+from .checkpoint import Checkpoint, LinearConverter, QuantizedLoad, Transform
 
 logger = logging.getLogger(__name__)
 HEAD_SPEC = QuantSpec(bits=8, scheme="symmetric", granularity="channel")  # embedding and LM head
@@ -59,13 +58,13 @@ def check_supported(q: QuantizationConfig) -> None:
 def check_kernels(q: QuantizationConfig) -> None:
     """No silent slow path: without the compiled kernels a quantized model decodes 10-20x slower
     than fp32, so that fails the load unless the config opts into the reference path."""
-    if q.method == "none" or ops.kernels_available():
+    if q.method == "none" or kernels.kernels_available():
         return
     if not q.allow_reference_kernels:
-        raise QuantizationError(f"{ops.kernel_status()}: the native {q.method} would run 10-20x slower than fp32. "
-                                f"Build the kernels for this torch: {ops.BUILD_COMMAND}; or set "
+        raise QuantizationError(f"{kernels.kernel_status()}: the native {q.method} would run 10-20x slower than fp32. "
+                                f"Build the kernels for this torch: {kernels.BUILD_COMMAND}; or set "
                                 f"{SECTION}.allow_reference_kernels: true to serve on the slow reference path")
-    logger.warning("SLOW REFERENCE PATH: %s; %s.allow_reference_kernels is true", ops.kernel_status(), SECTION)
+    logger.warning("SLOW REFERENCE PATH: %s; %s.allow_reference_kernels is true", kernels.kernel_status(), SECTION)
 
 
 def compute_mode(woq: WoqConfig) -> str:
@@ -169,7 +168,7 @@ def calibrate_streaming(source: str, q: QuantizationConfig, batches: list[Calibr
 def optimize(model: torch.nn.Module, q: QuantizationConfig,
              calibration: Callable[[], list[CalibrationBatch]], summary_path: Path | None) -> torch.nn.Module:
     """Quantize `model` in place as `q` asks (keep_full_precision is applied by the caller)."""
-    logger.info("native backend kernels: %s", ops.kernel_status())
+    logger.info("native backend kernels: %s", kernels.kernel_status())
     if q.method == "smoothquant":
         if summary_path.is_file():
             act_max, alpha = read_calibration(summary_path)
@@ -200,14 +199,14 @@ def fp32_matvec(model: torch.nn.Module) -> dict[str, object]:
     largest linear weight, once at load; where ours is faster, every fp32 linear layer uses it
     for decode-sized inputs. On AMD hosts the BLAS reads 6-13 GB/s of 30-39 (FACTS.md)."""
     linears = [m for m in model.modules() if type(m) in (torch.nn.Linear, FullPrecisionLinear)]
-    if not ops.kernels_available() or not linears:
+    if not kernels.kernels_available() or not linears:
         return {"fp32_matvec": "torch (no kernels)" if linears else "none"}
     weight = max((m.weight for m in linears), key=lambda w: w.numel())
     x = torch.randn(1, weight.shape[1])
     nbytes = weight.numel() * 4
     with torch.inference_mode():
         blas = _gb_per_s(lambda: F.linear(x, weight), nbytes)
-        ours = _gb_per_s(lambda: ops.linear_f32(x, weight, None), nbytes)
+        ours = _gb_per_s(lambda: kernels.linear_f32(x, weight, None), nbytes)
     use_ours = ours > blas
     if use_ours:
         for name, module in list(model.named_modules()):

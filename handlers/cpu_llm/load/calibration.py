@@ -1,16 +1,22 @@
-"""Calibration samples for SmoothQuant: a JSONL file of {"text": ...} lines, tokenized."""
+"""Calibration for SmoothQuant: samples from a JSONL file of {"text": ...} lines, tokenized, and
+where the calibration result is kept (a given file, or a cache entry keyed by all it depends on)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..config.quantization import SECTION, QuantizationConfig
+from ..core.errors import ConfigError
+
+CACHE_DIR_ENV = "LLM_CPU_CACHE_DIR"  # where SmoothQuant calibrations are cached
 
 
 @dataclass(frozen=True)
@@ -92,3 +98,31 @@ def calibration_loss(model, batches: list[CalibrationBatch], new_cache: Callable
             total += float(loss)
             count += int((targets != -100).sum())
     return total / max(count, 1)
+
+
+def smoothquant_summary_path(q: QuantizationConfig, backend: str, model_source: str, model_dir: str,
+                             calibration: Path) -> Path:
+    """A given summary file, or a cache entry keyed by everything the calibration depends on."""
+    sq = q.smoothquant
+    if sq.qconfig_summary_file:
+        path = Path(sq.qconfig_summary_file)
+        path = path if path.is_absolute() else Path(model_dir) / path
+        if not path.is_file():
+            raise ConfigError(f"{SECTION}.smoothquant.qconfig_summary_file", f"{path} does not exist")
+        return path
+    digest = hashlib.sha256()
+    for part in (Path(model_source) / "config.json", calibration):
+        digest.update(part.read_bytes() if part.is_file() else str(part).encode())
+    weights = sorted(Path(model_source).glob("*.safetensors"))
+    digest.update(json.dumps([(w.name, w.stat().st_size) for w in weights]).encode())
+    digest.update(json.dumps(sq.__dict__, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(q.keep_full_precision).encode())
+    cache = Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "torchserve-llm-cpu"))
+    prefix = "" if backend == "ipex" else f"{backend}-"  # the two backends' files differ in format
+    return cache / "smoothquant" / f"{prefix}{digest.hexdigest()[:16]}.json"
+
+
+def smoothquant_batches(tokenizer, q: QuantizationConfig, calibration: Path) -> list[CalibrationBatch]:
+    """The calibration samples `q.smoothquant` asks for, from the JSONL file `calibration`."""
+    texts = read_texts(calibration, f"{SECTION}.smoothquant.calibration_data")
+    return calibration_batches(tokenizer, texts, q.smoothquant.num_samples, q.smoothquant.seq_len)

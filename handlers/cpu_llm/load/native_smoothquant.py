@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..core.errors import QuantizationError
 from .calibration import CalibrationBatch, calibration_loss, stack_equal_lengths
-from ..errors import QuantizationError
 
 if TYPE_CHECKING:
-    from ..loader import Checkpoint, Transform
+    from .checkpoint import Checkpoint, Transform
 
 logger = logging.getLogger(__name__)
 FORMAT = "cpu-llm-native-smoothquant/1"

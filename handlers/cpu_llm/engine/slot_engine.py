@@ -7,23 +7,24 @@ prefilled `prefill_chunk` tokens per step, in the same forward pass as the decod
 running requests, so a long prompt arriving delays each running stream's next token by one
 chunk's worth of compute at a time instead of by its whole prefill (chunked prefill).
 
-`step(new, wanted)` has ContinuousEngine's interface (continuous batching); `generate` runs a
-dynamic batch to the end on the same steps.
+Continuous batching calls `step`; dynamic batching calls `generate` (base.py), which steps
+until the batch is done: one decode loop for both.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
 
-from ..engine.generation import GenerationResult, Sequence, TokenizerInfo, finish, pick_tokens, record_token
-from .model_runner import ModelRunner
+from ..core.params import TokenizerInfo
+from ..decode.sequence import Sequence, finish, pick_tokens, record_token
+from ..runner.model_runner import ModelRunner
+from .base import Engine
 
 logger = logging.getLogger(__name__)
 
 
-class SlotEngine:
+class SlotEngine(Engine):
     """The requests of one worker, keyed by request id in arrival order, and their slots."""
 
     def __init__(self, runner: ModelRunner, info: TokenizerInfo, request_timeout_s: float) -> None:
@@ -32,10 +33,6 @@ class SlotEngine:
         self.slot: dict[str, int] = {}
         self.cached: dict[str, int] = {}  # tokens of the request already in its slot
         self.prefill_started: dict[str, float] = {}
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.seqs)
 
     def step(self, new: dict[str, Sequence], wanted: set[str]) -> tuple[dict[str, Sequence], int]:
         """One forward pass; returns the sequences of `new` and of the running requests, and how
@@ -59,21 +56,9 @@ class SlotEngine:
         self._release_done()
         return touched, len(cancelled)
 
-    def generate(self, seqs: list[Sequence], on_step: Callable[[list[Sequence]], None] | None = None
-                 ) -> list[GenerationResult]:
-        """Dynamic batching: run `seqs` until the last one finishes (`on_step` after every step)."""
-        new = {f"batch-{index}": seq for index, seq in enumerate(seqs)}
-        try:
-            self.step(new, set())
-            while True:
-                if on_step is not None:
-                    on_step(seqs)
-                if not self.seqs:
-                    return [seq.result() for seq in seqs]
-                self.step({}, set(self.seqs))
-        finally:  # an error mid-batch must not keep the shared cache's slots
-            for rid in list(self.seqs):
-                self._release(rid)
+    def clear(self) -> None:
+        for rid in list(self.seqs):
+            self._release(rid)
 
     def _forward(self) -> None:
         tokens: list[int] = []

@@ -1,0 +1,1 @@
+"""model-config.yaml -> frozen, validated settings; every error names its key."""

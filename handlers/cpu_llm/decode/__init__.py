@@ -1,0 +1,1 @@
+"""Engine primitives: a request's decode state, token choice, incremental detokenization and stop strings."""

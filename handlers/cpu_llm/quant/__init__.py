@@ -1,1 +1,0 @@
-"""Quantization: configuration, the IPEX and native backends, SmoothQuant, quantized layers, tensor quantization."""
