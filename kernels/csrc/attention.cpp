@@ -10,8 +10,8 @@
 //      chunk, since every key of the call is written before any query reads).
 //
 // Each token's result depends only on its own slot, so a row's output is the same whatever the
-// batch. Compiled for baseline x86-64; the vector code (attention_avx2.cpp) runs only on CPUs with
-// AVX2 and FMA.
+// batch. Compiled for baseline x86-64; the vector code comes from the active kernel table
+// (x86/avx2/attention.cpp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -20,7 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#include "attention.h"
+#include "isa.h"
 #include "ops.h"
 
 namespace cpu_llm {
@@ -44,8 +44,7 @@ void check_index(const torch::Tensor& t, int64_t N, const char* name) {
 torch::Tensor slot_attention_out(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
                                  torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
                                  int64_t kv_heads, double scale, torch::Tensor out_buffer) {
-  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
-              "slot_attention needs a CPU with AVX2 and FMA");
+  const KernelTable& k = require_kernels("slot_attention");
   check_float(qkv, 2, "qkv");
   check_float(cos, 2, "cos");
   check_float(sin, 2, "sin");
@@ -88,7 +87,7 @@ torch::Tensor slot_attention_out(torch::Tensor qkv, torch::Tensor cos, torch::Te
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / kv_heads, h = i % kv_heads;
       const float* row = x + n * width;
-      rope_avx2(row + (heads + h) * D, cp + pos[n] * half, sp + pos[n] * half, half, 1.f, at_cache(kc, n, h));
+      k.rope(row + (heads + h) * D, cp + pos[n] * half, sp + pos[n] * half, half, 1.f, at_cache(kc, n, h));
       std::memcpy(at_cache(vc, n, h), row + (heads + kv_heads + h) * D, D * sizeof(float));
     }
   });
@@ -99,9 +98,9 @@ torch::Tensor slot_attention_out(torch::Tensor qkv, torch::Tensor cos, torch::Te
     q.resize(D), scores.resize(L);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / heads, h = i % heads, kvh = h / group;
-      rope_avx2(x + n * width + h * D, cp + pos[n] * half, sp + pos[n] * half, half, 1.f, q.data());
+      k.rope(x + n * width + h * D, cp + pos[n] * half, sp + pos[n] * half, half, 1.f, q.data());
       const int64_t base = (slot[n] * kv_heads + kvh) * L * D;
-      attend_avx2(q.data(), kc + base, vc + base, pos[n] + 1, D, static_cast<float>(scale), scores.data(),
+      k.attend(q.data(), kc + base, vc + base, pos[n] + 1, D, static_cast<float>(scale), scores.data(),
                   op + n * heads * D + h * D);
     }
   });

@@ -7,11 +7,10 @@
 //   silu_mul(gate_up) -> Tensor                         silu(gate) * up for gate_up = [gate | up]
 //
 // x, delta: contiguous float32 [N, H]; rows run in parallel. This file is compiled for baseline
-// x86-64: the per-row bodies run vectorized from rows_avx2.cpp where AVX2 is active, else here.
+// x86-64: the per-row bodies come from the active kernel table (vectorized in x86/avx2/rows.cpp,
+// scalar in generic/rows.cpp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-
-#include <cmath>
 
 #include "isa.h"
 #include "ops.h"
@@ -33,14 +32,6 @@ void check_weight(const torch::Tensor& x, const torch::Tensor& weight, const cha
               weight.scalar_type(), " ", weight.sizes());
 }
 
-void normalize_row(const float* x, const float* w, int64_t H, double eps, float* out) {
-  if (active_isa() > 0) return rms_norm_row_avx2(x, w, H, eps, out);
-  double squares = 0.0;
-  for (int64_t i = 0; i < H; ++i) squares += static_cast<double>(x[i]) * x[i];
-  const float inv = static_cast<float>(1.0 / std::sqrt(squares / H + eps));
-  for (int64_t i = 0; i < H; ++i) out[i] = w[i] * (x[i] * inv);
-}
-
 }  // namespace
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -50,6 +41,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   auto out = torch::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const auto normalize_row = active_kernels().rms_norm_row;
   at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) normalize_row(xp + r * H, wp, H, eps, op + r * H);
   });
@@ -66,6 +58,7 @@ torch::Tensor add_rms_norm_out(torch::Tensor x, torch::Tensor delta, torch::Tens
   auto out = output(out_buffer, x.size(0), H, x, "add_rms_norm_");
   float *xp = x.data_ptr<float>(), *op = out.data_ptr<float>();
   const float *dp = delta.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const auto normalize_row = active_kernels().rms_norm_row;
   at::parallel_for(0, x.size(0), kRowsPerTask, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* row = xp + r * H;
@@ -84,15 +77,9 @@ torch::Tensor silu_mul_out(torch::Tensor gate_up, torch::Tensor out_buffer) {
   auto out = output(out_buffer, gate_up.size(0), I, gate_up, "silu_mul");
   const float* gp = gate_up.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const auto silu_mul_row = active_kernels().silu_mul;
   at::parallel_for(0, gate_up.size(0), kRowsPerTask, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float *gate = gp + r * 2 * I, *up = gate + I;
-      if (active_isa() > 0) {
-        silu_mul_avx2(gate, up, op + r * I, I);
-        continue;
-      }
-      for (int64_t i = 0; i < I; ++i) op[r * I + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-    }
+    for (int64_t r = r0; r < r1; ++r) silu_mul_row(gp + r * 2 * I, gp + r * 2 * I + I, op + r * I, I);
   });
   return out;
 }

@@ -1,10 +1,12 @@
-// What ops.cpp hands to the per-ISA kernels (avx2.cpp, avx512.cpp): raw pointers only.
+// What the ops hand to the per-ISA kernels (x86/avx2/, x86/avx512/): raw pointers only, and the
+// kernel table through which they reach them.
 //
 // The ISA files are compiled with their own target attributes (#pragma GCC target) and include
 // no torch header and use no std:: template, so no inline function compiled for AVX-512 can be
 // picked by the linker for code that runs on an AVX2-only host; their helpers have internal
-// linkage (anonymous namespace). ops.cpp checks shapes, picks the ISA at run time and
-// splits the output channels between threads.
+// linkage (anonymous namespace). The ops check shapes, split the output channels between threads
+// and call the kernels of the active table (dispatch.cpp), which is chosen once at load from
+// what the CPU reports: no op body tests the ISA.
 #pragma once
 #include <cstdint>
 
@@ -106,12 +108,22 @@ struct TiledWeights {
 void qlinear_tiled_avx512(const QuantActs& acts, const int32_t* block_corr, const TiledWeights& w, int64_t t0,
                           int64_t t1, float* y, int64_t ldy);
 
-// The runner's row ops (rows_avx2.cpp; elementwise.cpp calls them where AVX2 runs, else its
-// scalar twins): out[i] = silu(gate[i]) x up[i], and RMSNorm of one row of H values.
+// The runner's row ops (x86/avx2/rows.cpp; generic/rows.cpp has their scalar twins):
+// out[i] = silu(gate[i]) x up[i], and RMSNorm of one row of H values.
 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n);
 void rms_norm_row_avx2(const float* x, const float* w, int64_t H, double eps, float* out);
-// The instruction set the ops run on (ops.cpp): 0 none, 1 AVX2, 2 AVX-512 VNNI.
-int active_isa();
+void silu_mul_scalar(const float* gate, const float* up, float* out, int64_t n);
+void rms_norm_row_scalar(const float* x, const float* w, int64_t H, double eps, float* out);
+
+// Attention over one cache slot (x86/avx2/attention.cpp; the AVX-512 hosts run it too: with
+// head_dim 64 the dot products are too short for wider vectors to pay).
+// out[0, 2 * half) = x rotated by the angle table of one position (Hugging Face's rotate_half
+// convention: element i pairs with element i + half), times `scale`.
+void rope_avx2(const float* x, const float* cos, const float* sin, int64_t half, float scale, float* out);
+// out[D] = softmax(scale * q . keys[l] for l < len) . values, keys/values [len, D] contiguous;
+// scores: `len` floats of scratch. D is a multiple of 8.
+void attend_avx2(const float* q, const float* keys, const float* values, int64_t len, int64_t D, float scale,
+                 float* scores, float* out);
 
 // y[m, n] with the weight dequantized in registers, fp32 activations and accumulation.
 void woq_f32_avx2(const float* x, int64_t M, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy);
@@ -124,5 +136,38 @@ void linear_f32_avx2(const float* x, int64_t M, int64_t K, const float* w, int64
                      int64_t ldy);
 void linear_f32_avx512(const float* x, int64_t M, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
                        int64_t ldy);
+
+// One table of kernels per instruction set, filled once (x86/avx2/table.cpp,
+// x86/avx512/table.cpp, generic/rows.cpp), as ggml-cpu fills one function table per type. An
+// entry an ISA does not have is nullptr: the op then takes its general path (qlinear_sym,
+// qlinear_tiled), or the whole op needs a table with that entry (require_kernels).
+struct KernelTable {
+  const char* name;  // as CPU_LLM_ISA and kernels.isa() spell it
+  // Row ops: every table has them (the scalar twins where no vector ISA runs).
+  void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
+  void (*rms_norm_row)(const float* x, const float* w, int64_t H, double eps, float* out);
+  // Quantized and fp32 products, attention: nullptr in the table of a CPU without AVX2.
+  void (*quantize_acts)(const float* x, int64_t M, int64_t K, bool per_row, int8_t* q, float* scale, float* sum);
+  void (*qlinear)(const QuantActs& acts, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
+                  float* scratch);
+  // Symmetric weights with the zero point taken out in integers (nullptr: qlinear serves them).
+  void (*prepare_pairs)(const QuantActs& acts, int zero_u, int32_t* neg_corr, float* scale);
+  void (*qlinear_sym)(const QuantActs& acts, const PairActs& pairs, const QuantWeights& w, int64_t n0, int64_t n1,
+                      float* y, int64_t ldy);
+  // Tiled weights (nullptr: each tile is turned back into rows for qlinear).
+  void (*qlinear_tiled)(const QuantActs& acts, const int32_t* block_corr, const TiledWeights& w, int64_t t0,
+                        int64_t t1, float* y, int64_t ldy);
+  void (*woq_f32)(const float* x, int64_t M, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy);
+  void (*dequantize)(const QuantWeights& w, int64_t n0, int64_t n1, float* out);
+  void (*linear_f32)(const float* x, int64_t M, int64_t K, const float* w, int64_t n0, int64_t n1, float* y,
+                     int64_t ldy);
+  void (*rope)(const float* x, const float* cos, const float* sin, int64_t half, float scale, float* out);
+  void (*attend)(const float* q, const float* keys, const float* values, int64_t len, int64_t D, float scale,
+                 float* scores, float* out);
+};
+
+extern const KernelTable kScalarKernels;  // generic/rows.cpp
+extern const KernelTable kAvx2Kernels;    // x86/avx2/table.cpp
+extern const KernelTable kAvx512Kernels;  // x86/avx512/table.cpp
 
 }  // namespace cpu_llm

@@ -5,6 +5,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
 namespace cpu_llm {
@@ -16,7 +17,7 @@ namespace cpu_llm {
 // about a microsecond, on the thread the others wait for).
 torch::Tensor output(const torch::Tensor& out, int64_t rows, int64_t cols, const torch::Tensor& like, const char* op);
 
-// ops.cpp
+// linear.cpp
 torch::Tensor qlinear_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
                           c10::optional<torch::Tensor> offsets, int64_t bits, double zero, bool act_per_row,
                           c10::optional<torch::Tensor> bias, torch::Tensor out);
@@ -32,6 +33,14 @@ torch::Tensor linear_f32_cat_out(torch::Tensor x, std::vector<torch::Tensor> wei
 torch::Tensor slot_attention_out(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
                                  torch::Tensor slots, torch::Tensor k_cache, torch::Tensor v_cache, int64_t heads,
                                  int64_t kv_heads, double scale, torch::Tensor out);
+
+// dispatch.cpp: the kernel table the ops run on (chosen at load, lowered by set_isa), and the
+// same when the op needs the products and attention, which a CPU without AVX2 lacks (an error).
+struct KernelTable;
+const KernelTable& active_kernels();
+const KernelTable& require_kernels(const char* op);
+std::vector<std::string> supported_isas();
+void set_isa(const std::string& name);
 
 // elementwise.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);

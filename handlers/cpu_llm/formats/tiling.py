@@ -4,7 +4,7 @@ conversions to and from it (quantized_linear.tile_model applies it to a model on
 Why a second layout: in the row layout each output row pays its own scale work per block of 32
 columns and a horizontal sum at the end; interleaving 16 rows 4 bytes at a time lets one
 512-bit dot product serve 16 rows with one activation broadcast, and the scale work be shared
-by the 16 rows (see kernels/csrc/tiled_avx512.cpp). Only hosts whose kernels run AVX-512 VNNI
+by the 16 rows (see kernels/csrc/x86/avx512/tiled.cpp). Only hosts whose kernels run AVX-512 VNNI
 tile; the op still answers on a lower ISA (tests), by untiling in C++.
 
 Per tile of 16 rows and block of 32 columns: int8 [8 groups of 4 columns][16 rows][4 bytes],

@@ -1,11 +1,11 @@
-// The torch ops of cpu_llm_kernels (namespace torch.ops.cpu_llm): shape checks with clear
-// errors, the ISA picked at run time, output channels split between threads.
+// The linear ops of cpu_llm_kernels (namespace torch.ops.cpu_llm): shape checks with clear
+// errors, output channels split between threads, the kernels of the active table (dispatch.cpp).
 //
 //   qlinear(x, qweight, scales, offsets, bits, zero, act_per_row, bias)
 //       int8/int4 weights x activations quantized to int8 on the fly (per block of 32, or per
 //       row for SmoothQuant's W8A8): integer dot products, fp32 result.
 //   qlinear_tiled(x, tiles, scales, bits, n, act_per_row, bias)
-//       the same for symmetric weights tiled 16 rows at a time (quant/tiling.py, isa.h): the
+//       the same for symmetric weights tiled 16 rows at a time (formats/tiling.py, isa.h): the
 //       AVX-512 VNNI decode path.
 //   woq_linear_f32(x, qweight, scales, offsets, bits, zero, bias)
 //       the same weights dequantized in registers, fp32 activations and accumulation.
@@ -15,15 +15,13 @@
 //       fp32 matrix-vector products, for hosts whose BLAS is slow at decode shapes; _cat writes
 //       the products with several weights side by side (x @ cat(weights).T) in one call.
 //
-// This file is compiled for baseline x86-64; AVX2 and AVX-512 code lives in avx2.cpp and
-// avx512.cpp, compiled with their own target attributes, and is only called on CPUs that
-// report those features, so one build runs on every x86-64 host.
+// This file is compiled for baseline x86-64; AVX2 and AVX-512 code lives in x86/avx2/ and
+// x86/avx512/, compiled with their own target attributes, and is only reached through the table
+// of a CPU that reports those features, so one build runs on every x86-64 host.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
-#include <string>
 #include <vector>
 
 #include "isa.h"
@@ -31,29 +29,6 @@
 
 namespace cpu_llm {
 namespace {
-
-enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
-
-Isa detect_isa() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni")) {
-    return kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
-  return kNone;
-}
-
-const Isa kBestIsa = detect_isa();
-std::atomic<int> g_isa{kBestIsa};  // lowered by set_isa (tests run every path the host can)
-
-const char* isa_name(int isa) { return isa == kAvx512 ? "avx512-vnni" : isa == kAvx2 ? "avx2" : "none"; }
-
-Isa current_isa() {
-  const int isa = g_isa.load();
-  TORCH_CHECK(isa != kNone, "cpu_llm kernels need a CPU with AVX2, FMA and F16C; this one has none of those paths");
-  return static_cast<Isa>(isa);
-}
 
 constexpr int64_t kGrain = 16;  // output channels per task: enough work per thread, balanced on 2-16 cores
 constexpr int64_t kChunksPerThread = 8;
@@ -159,12 +134,12 @@ torch::Tensor finish(torch::Tensor y, const c10::optional<torch::Tensor>& bias, 
 // x quantized to int8 per block of kBlock (or per row), in this thread's buffers (valid until
 // its next call). Plain buffers, not tensors: a decode step makes ~200 of these calls and a
 // tensor allocation plus an op dispatch each cost microseconds.
-QuantActs quantize_acts(const torch::Tensor& x, int64_t K, int64_t groups, bool act_per_row) {
+QuantActs quantize_acts(const KernelTable& k, const torch::Tensor& x, int64_t K, int64_t groups, bool act_per_row) {
   const int64_t M = x.size(0), nb = K / kBlock, per_group = nb / groups;
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xs, xsum, gsum;
   xq.resize(M * K), xs.resize(M * nb), xsum.resize(M * nb), gsum.assign(M * groups, 0.f);
-  quantize_acts_avx2(x.data_ptr<float>(), M, K, act_per_row, xq.data(), xs.data(), xsum.data());
+  k.quantize_acts(x.data_ptr<float>(), M, K, act_per_row, xq.data(), xs.data(), xsum.data());
   for (int64_t i = 0; i < M * nb; ++i) gsum[i / per_group] += xsum[i];  // per weight group, for the offsets
   return QuantActs{xq.data(), xs.data(), xsum.data(), gsum.data(), M, K};
 }
@@ -177,29 +152,28 @@ torch::Tensor qlinear_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
                           c10::optional<torch::Tensor> bias, torch::Tensor out) {
   const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "qlinear");
   check_x(x, w.K, "qlinear");
-  const Isa isa = current_isa();
+  const KernelTable& k = require_kernels("qlinear");
   const int64_t M = x.size(0), N = qweight.size(0), nb = w.K / kBlock;
-  const QuantActs acts = quantize_acts(x, w.K, w.groups, act_per_row);
+  const QuantActs acts = quantize_acts(k, x, w.K, w.groups, act_per_row);
   auto y = output(out, M, N, x, "qlinear");
   float* yp = y.data_ptr<float>();
-  // Symmetric weights on AVX-512: the zero point is taken out in integers (PairActs).
+  // Symmetric weights, where the table has it: the zero point is taken out in integers (PairActs).
   const float zero_f = w.zero + (bits == 8 ? 128.f : 0.f);  // int8 weights are read as w + 128
   const int zero_u = static_cast<int>(zero_f);
-  if (isa == kAvx512 && w.offsets == nullptr && zero_f == static_cast<float>(zero_u) && zero_u >= 0 && zero_u <= 255) {
+  if (k.qlinear_sym != nullptr && w.offsets == nullptr && zero_f == static_cast<float>(zero_u) && zero_u >= 0 && zero_u <= 255) {
     const int64_t pairs = (nb + 1) / 2;
     thread_local std::vector<int32_t> neg_corr;
     thread_local std::vector<float> pair_scale;
     neg_corr.resize(M * pairs * 16), pair_scale.resize(M * pairs * 16);
-    prepare_pairs_avx512(acts, zero_u, neg_corr.data(), pair_scale.data());
+    k.prepare_pairs(acts, zero_u, neg_corr.data(), pair_scale.data());
     const PairActs prepared{neg_corr.data(), pair_scale.data(), pairs};
-    parallel_chunks(N, kGrain, [&](int64_t n0, int64_t n1) { qlinear_sym_avx512(acts, prepared, w, n0, n1, yp, N); });
+    parallel_chunks(N, kGrain, [&](int64_t n0, int64_t n1) { k.qlinear_sym(acts, prepared, w, n0, n1, yp, N); });
     return finish(y, bias, "qlinear");
   }
   parallel_chunks(N, kGrain, [&](int64_t n0, int64_t n1) {
     thread_local std::vector<float> scratch;  // this thread's block scales
     scratch.resize((1 + kMaxTile) * nb);
-    if (isa == kAvx512) qlinear_avx512(acts, w, n0, n1, yp, N, scratch.data());
-    else qlinear_avx2(acts, w, n0, n1, yp, N, scratch.data());
+    k.qlinear(acts, w, n0, n1, yp, N, scratch.data());
   });
   return finish(y, bias, "qlinear");
 }
@@ -207,7 +181,7 @@ torch::Tensor qlinear_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 namespace {
 
 // Tile t of a tiled weight back in the row layout of QuantWeights (signed int8, or nibbles with
-// zero 8) with float32 scales, for hosts or tests running below AVX-512 VNNI.
+// zero 8) with float32 scales, for tables without a tiled kernel.
 QuantWeights untile(const TiledWeights& w, int64_t t, std::vector<uint8_t>& rows, std::vector<float>& scales) {
   const int64_t nb = w.K / kBlock, row_bytes = w.bits == 8 ? w.K : w.K / 2, groups_of_4 = w.bits == 8 ? 8 : 4;
   rows.resize(16 * row_bytes), scales.resize(16 * w.groups);
@@ -233,7 +207,7 @@ QuantWeights untile(const TiledWeights& w, int64_t t, std::vector<uint8_t>& rows
 
 }  // namespace
 
-// qlinear for a symmetric weight tiled by quant/tiling.py: tiles uint8 [ceil(N / 16), K x 16 or
+// qlinear for a symmetric weight tiled by formats/tiling.py: tiles uint8 [ceil(N / 16), K x 16 or
 // K x 8 (4 bits)], scales float32/float16 [ceil(N / 16), groups, 16].
 torch::Tensor qlinear_tiled_out(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
                                 bool act_per_row, c10::optional<torch::Tensor> bias, torch::Tensor out) {
@@ -250,14 +224,14 @@ torch::Tensor qlinear_tiled_out(torch::Tensor x, torch::Tensor tiles, torch::Ten
               "qlinear_tiled: scales must be a contiguous float32 or float16 [", T, ", groups, 16] tensor whose groups "
               "split the ", nb, " blocks of K = ", K, ", got ", scales.scalar_type(), " ", scales.sizes());
   check_x(x, K, "qlinear_tiled");
-  const Isa isa = current_isa();
+  const KernelTable& k = require_kernels("qlinear_tiled");
   const TiledWeights w{tiles.data_ptr<uint8_t>(), scales.data_ptr(), scales.scalar_type() == torch::kHalf,
                        static_cast<int>(bits), bits == 8 ? 128 : 8, scales.size(1), K, N};
   const int64_t M = x.size(0);
-  const QuantActs acts = quantize_acts(x, K, w.groups, act_per_row);
+  const QuantActs acts = quantize_acts(k, x, K, w.groups, act_per_row);
   auto y = output(out, M, N, x, "qlinear_tiled");
   float* yp = y.data_ptr<float>();
-  if (isa == kAvx512) {
+  if (k.qlinear_tiled != nullptr) {
     thread_local std::vector<int32_t> corr;
     corr.resize(M * nb);
     for (int64_t i = 0; i < M * nb; ++i) {
@@ -266,14 +240,14 @@ torch::Tensor qlinear_tiled_out(torch::Tensor x, torch::Tensor tiles, torch::Ten
       corr[i] = -w.zero_u * sum;
     }
     const int32_t* block_corr = corr.data();  // not `corr` inside the lambda: that names each thread's own
-    parallel_chunks(T, 1, [&](int64_t t0, int64_t t1) { qlinear_tiled_avx512(acts, block_corr, w, t0, t1, yp, N); });
+    parallel_chunks(T, 1, [&](int64_t t0, int64_t t1) { k.qlinear_tiled(acts, block_corr, w, t0, t1, yp, N); });
   } else {
     parallel_chunks(T, 1, [&](int64_t t0, int64_t t1) {
       std::vector<uint8_t> rows;
       std::vector<float> row_scales, out(M * 16), scratch((1 + kMaxTile) * nb);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n = std::min<int64_t>(16, N - t * 16);
-        qlinear_avx2(acts, untile(w, t, rows, row_scales), 0, n, out.data(), 16, scratch.data());
+        k.qlinear(acts, untile(w, t, rows, row_scales), 0, n, out.data(), 16, scratch.data());
         for (int64_t m = 0; m < M; ++m) std::copy_n(out.data() + m * 16, n, yp + m * N + t * 16);
       }
     });
@@ -286,12 +260,12 @@ torch::Tensor woq_linear_f32_out(torch::Tensor x, torch::Tensor qweight, torch::
                                  c10::optional<torch::Tensor> bias, torch::Tensor out) {
   const QuantWeights w = weights(qweight, scales, offsets, bits, zero, "woq_linear_f32");
   check_x(x, w.K, "woq_linear_f32");
-  current_isa();
+  const KernelTable& k = require_kernels("woq_linear_f32");
   const int64_t M = x.size(0), N = qweight.size(0);
   auto y = output(out, M, N, x, "woq_linear_f32");
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  parallel_chunks(N, kGrain, [&](int64_t n0, int64_t n1) { woq_f32_avx2(xp, M, w, n0, n1, yp, N); });
+  parallel_chunks(N, kGrain, [&](int64_t n0, int64_t n1) { k.woq_f32(xp, M, w, n0, n1, yp, N); });
   return finish(y, bias, "woq_linear_f32");
 }
 
@@ -302,9 +276,9 @@ void dequantize_into(torch::Tensor qweight, torch::Tensor scales, c10::optional<
   TORCH_CHECK(out.scalar_type() == torch::kFloat && out.is_contiguous() && out.numel() == N * w.K,
               "dequantize_into: out must be a contiguous float32 tensor of ", N * w.K, " values, got ",
               out.scalar_type(), " ", out.sizes());
-  current_isa();
+  const KernelTable& k = require_kernels("dequantize_into");
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { dequantize_avx2(w, n0, n1, dst); });
+  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) { k.dequantize(w, n0, n1, dst); });
 }
 
 // y = x @ cat(weights).T (+ bias) without concatenating the weights: each output column range
@@ -322,7 +296,7 @@ torch::Tensor linear_f32_cat_out(torch::Tensor x, std::vector<torch::Tensor> wei
     start.push_back(start.back() + weight.size(0));
   }
   check_x(x, K, "linear_f32");
-  const Isa isa = current_isa();
+  const KernelTable& k = require_kernels("linear_f32");
   const int64_t M = x.size(0), N = start.back();
   auto y = output(out, M, N, x, "linear_f32");
   const float* xp = x.data_ptr<float>();
@@ -333,8 +307,7 @@ torch::Tensor linear_f32_cat_out(torch::Tensor x, std::vector<torch::Tensor> wei
       if (lo >= hi) continue;
       const float* wp = weights[part].data_ptr<float>();
       float* yo = yp + start[part];  // the kernels write y[m * ldy + n] for n in [lo, hi)
-      if (isa == kAvx512) linear_f32_avx512(xp, M, K, wp, lo, hi, yo, N);
-      else linear_f32_avx2(xp, M, K, wp, lo, hi, yo, N);
+      k.linear_f32(xp, M, K, wp, lo, hi, yo, N);
     }
   });
   return finish(y, bias, "linear_f32");
@@ -364,8 +337,6 @@ torch::Tensor linear_f32(torch::Tensor x, torch::Tensor weight, c10::optional<to
   return linear_f32_cat(x, {weight}, bias);
 }
 
-int active_isa() { return g_isa.load(); }
-
 }  // namespace cpu_llm
 
 TORCH_LIBRARY(cpu_llm, m) {
@@ -386,21 +357,4 @@ TORCH_LIBRARY_IMPL(cpu_llm, CPU, m) {
   m.impl("dequantize_into", &cpu_llm::dequantize_into);
   m.impl("linear_f32", &cpu_llm::linear_f32);
   m.impl("linear_f32_cat", &cpu_llm::linear_f32_cat);
-}
-
-// The Python module only reports and selects the ISA; the ops above are what callers use.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("isa", [] { return std::string(cpu_llm::isa_name(cpu_llm::g_isa.load())); },
-        "the instruction set the ops run on");
-  m.def("supported_isas", [] {
-    std::vector<std::string> out;
-    for (int isa = cpu_llm::kBestIsa; isa > cpu_llm::kNone; --isa) out.emplace_back(cpu_llm::isa_name(isa));
-    return out;
-  }, "the instruction sets this CPU can run, best first");
-  m.def("set_isa", [](const std::string& name) {
-    for (int isa = cpu_llm::kBestIsa; isa > cpu_llm::kNone; --isa) {
-      if (name == cpu_llm::isa_name(isa)) { cpu_llm::g_isa.store(isa); return; }
-    }
-    TORCH_CHECK(false, "set_isa: '", name, "' is not supported on this CPU (best: ", cpu_llm::isa_name(cpu_llm::kBestIsa), ")");
-  }, "run the ops on a lower instruction set than the best (tests)");
 }

@@ -9,7 +9,7 @@
 // of both come from one 8-byte load of the combined scales (c) and a lane permute.
 #include <immintrin.h>
 
-#include "isa.h"
+#include "../../isa.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
@@ -17,7 +17,7 @@
 namespace cpu_llm {
 namespace {
 
-#include "tiles.h"
+#include "../tiles.h"
 
 // Blocks b and b + 1 as 64 unsigned bytes.
 template <int BITS>

@@ -12,7 +12,7 @@
 
 #include <cstring>
 
-#include "isa.h"
+#include "../../isa.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
@@ -20,7 +20,7 @@
 namespace cpu_llm {
 namespace {
 
-#include "tiles.h"
+#include "../tiles.h"
 
 // The 16 rows' scales of group g of tile t.
 inline __m512 tile_scales(const TiledWeights& w, int64_t t, int64_t g) {

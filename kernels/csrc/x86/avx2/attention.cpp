@@ -1,11 +1,11 @@
 // Attention over one cache slot with AVX2 + FMA (every x86-64 server since 2013; the AVX-512
 // hosts run it too: with head_dim 64 the dot products are too short for wider vectors to pay).
-// Compiled for that target only here; see attention.h.
+// Compiled for that target only here; see isa.h.
 #include <immintrin.h>
 
 #include <cmath>
 
-#include "attention.h"
+#include "../../isa.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -13,7 +13,7 @@
 namespace cpu_llm {
 namespace {
 
-#include "vec_avx2.h"
+#include "vec.h"
 
 inline float dot(const float* a, const float* b, int64_t D) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();

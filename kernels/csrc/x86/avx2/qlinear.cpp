@@ -9,7 +9,7 @@
 // result never depends on its batch companions.
 #include <immintrin.h>
 
-#include "isa.h"
+#include "../../isa.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -17,9 +17,9 @@
 namespace cpu_llm {
 namespace {
 
-#include "tiles.h"
+#include "../tiles.h"
 
-#include "vec_avx2.h"
+#include "vec.h"
 
 inline float scale_at(const QuantWeights& w, int64_t i) {
   if (w.scales_fp16) return _cvtsh_ss(static_cast<const uint16_t*>(w.scales)[i]);

@@ -5,7 +5,7 @@
 
 #include <cmath>
 
-#include "isa.h"
+#include "../../isa.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -13,7 +13,7 @@
 namespace cpu_llm {
 namespace {
 
-#include "vec_avx2.h"
+#include "vec.h"
 
 inline __m256 silu_mul8(__m256 g, __m256 u) {
   const __m256 one = _mm256_set1_ps(1.f);
