@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from cpu_llm.config.serving import parse_serving_config  # noqa: E402
-from cpu_llm.load.pipeline import CACHE_DIR_ENV  # noqa: E402
+from cpu_llm.load.calibration import CACHE_DIR_ENV  # noqa: E402
 from evaluate import (TEXT, bytes_read_per_step, evaluate_all, framework_overhead_ms, memory_bandwidth_gb_s,  # noqa: E402, I001
                       peak_rss_mib, perplexity_change, serve_like_the_worker, speed)
 

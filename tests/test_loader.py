@@ -1,4 +1,4 @@
-"""Quantizing while loading (loader.py): the same model as quantizing after loading, from fp32,
+"""Quantizing while loading (load/checkpoint.py): the same model as quantizing after loading, from fp32,
 bf16, sharded and GPT-2 checkpoints, without ever holding the fp32 model; the fallbacks; and
 no silent slow path without the kernels."""
 

@@ -71,7 +71,7 @@ class ServingConfig:
     # Continuous batching: one handle() call keeps stepping for up to this many ms (until a request
     # finishes), so TorchServe's round trip per call is paid once per several tokens; 0 = one step.
     steps_per_call_ms: int = 50
-    # The top-level `quantization:` section (see quant_config.py).
+    # The top-level `quantization:` section (see quantization.py).
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     # TorchServe's top-level `continuousBatching` key: requests join and leave a running batch.
     continuous_batching: bool = False

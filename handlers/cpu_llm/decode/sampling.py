@@ -46,7 +46,7 @@ def pick_next_token(
     """Next token id from one row of logits (float32, vocab-sized)."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if not params.do_sample:
-        return int(logits.max(-1).indices)  # argmax, ~3x faster (engine.generation.pick_tokens)
+        return int(logits.max(-1).indices)  # argmax, ~3x faster (decode.sequence.pick_tokens)
     logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
     return sample(torch.softmax(logits, dim=-1), generator)
 

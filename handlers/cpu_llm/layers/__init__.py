@@ -1,1 +1,1 @@
-"""Building blocks of our own models: fused linear layers and attention over the slot KV cache."""
+"""Building blocks of the served models: quantized and full-precision linear layers, fused linears, attention over the slot KV cache."""
