@@ -36,9 +36,7 @@ class Detokenizer:
     def add(self, tokenizer: Any, ids: list[int]) -> bool:
         """After a new token at the end of `ids`: extend the text; True when a stop string has
         appeared (the text is then cut before its first occurrence, and final)."""
-        context = tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
-        window = tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
-        new = window[len(context):] if len(window) > len(context) else ""
+        new = self._unread(tokenizer, ids)
         self.tail = new.rstrip(REPLACEMENT)
         if new and not new.endswith(REPLACEMENT):
             self.text, self.tail = self.text + new, ""
@@ -71,8 +69,10 @@ class Detokenizer:
     def final(self, tokenizer: Any, ids: list[int]) -> str:
         """The whole text once generation has ended: a character left incomplete at the end is
         decoded as it is (U+FFFD), as a full decoding would."""
-        if self.stopped:
-            return self.text
+        return self.text if self.stopped else self.text + self._unread(tokenizer, ids)
+
+    def _unread(self, tokenizer: Any, ids: list[int]) -> str:
+        """The text of the tokens after `read`, decoded with the tokens from `prefix` as left context."""
         context = tokenizer.decode(ids[self.prefix:self.read], skip_special_tokens=True)
         window = tokenizer.decode(ids[self.prefix:], skip_special_tokens=True)
-        return self.text + (window[len(context):] if len(window) > len(context) else "")
+        return window[len(context):] if len(window) > len(context) else ""
