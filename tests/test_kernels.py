@@ -107,11 +107,12 @@ TILEABLE = [spec for spec in SPECS if spec.scheme == "symmetric"]
 
 
 @pytest.mark.parametrize("spec", TILEABLE, ids=str)
-@pytest.mark.parametrize("n,k", SHAPES + [(48, 64)])
+@pytest.mark.parametrize("n,k", SHAPES + [(48, 64), (28, 96)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 64])
 def test_tiled_kernel_matches_reference(isa, spec, n, k, rows):
-    """Every ISA: AVX-512 VNNI runs the tiled kernel, lower ones untile in C++; partial last tiles
-    (N not a multiple of 16), odd block counts, grouped and per-row scales, int8 and int4."""
+    """Every ISA's tiled kernel (AVX-512 VNNI: 16 rows per dot product, AVX2: two halves of 8);
+    partial last tiles and halves (N not a multiple of 16 or 8), odd block counts, grouped and
+    per-row scales, int8 and int4."""
     if spec.group_size and k % spec.group_size:
         pytest.skip("group does not divide K")
     packed = kernel_weights(quantize(_weight(n, k), spec))

@@ -83,10 +83,11 @@ void prepare_pairs_avx512(const QuantActs& acts, int zero_u, int32_t* neg_corr, 
 void qlinear_sym_avx512(const QuantActs& acts, const PairActs& pairs, const QuantWeights& w, int64_t n0, int64_t n1,
                         float* y, int64_t ldy);
 
-// Symmetric weights tiled for AVX-512 VNNI (the row layout of QuantWeights repacked once at
-// load, quant/tiling.py): 16 output rows per tile, so one 512-bit dpbusd computes 16 rows x 4
-// columns with one activation broadcast, and the per-block scale work is done once per 16 rows
-// instead of per row (no horizontal sums either). Per tile and block of 32 columns:
+// Symmetric weights tiled (the row layout of QuantWeights repacked once at load,
+// formats/tiling.py): 16 output rows per tile, so one 512-bit dpbusd computes 16 rows x 4 columns
+// with one activation broadcast (AVX2: one 256-bit maddubs, 8 rows x 4 columns), and the
+// per-block scale work is done once per 16 (8) rows instead of per row (no horizontal sums
+// either). Per tile and block of 32 columns:
 //   bits 8: [8 groups of 4 columns][16 rows][4 bytes] = 512 bytes, stored unsigned (w + 128);
 //   bits 4: [4 groups][16 rows][4 bytes] = 256 bytes, byte i of group j holding column 4j + i in
 //           its low nibble and 16 + 4j + i in its high one (unsigned, w + zero).
@@ -103,10 +104,13 @@ struct TiledWeights {
   int64_t tile_bytes() const { return K / kBlock * block_bytes(); }
 };
 
-// y[m, n] for n in tiles [t0, t1) of 16 rows (the last one may be partial).
+// y[m, n] for n in tiles [t0, t1) of 16 rows (the last one may be partial): x86/avx512/tiled.cpp
+// and x86/avx2/tiled.cpp.
 // block_corr: [M, K / kBlock] int32, -zero_u x the sum of the block's int8 activations.
 void qlinear_tiled_avx512(const QuantActs& acts, const int32_t* block_corr, const TiledWeights& w, int64_t t0,
                           int64_t t1, float* y, int64_t ldy);
+void qlinear_tiled_avx2(const QuantActs& acts, const int32_t* block_corr, const TiledWeights& w, int64_t t0, int64_t t1,
+                        float* y, int64_t ldy);
 
 // The runner's row ops (x86/avx2/rows.cpp; generic/rows.cpp has their scalar twins):
 // out[i] = silu(gate[i]) x up[i], and RMSNorm of one row of H values.
@@ -154,7 +158,7 @@ struct KernelTable {
   void (*prepare_pairs)(const QuantActs& acts, int zero_u, int32_t* neg_corr, float* scale);
   void (*qlinear_sym)(const QuantActs& acts, const PairActs& pairs, const QuantWeights& w, int64_t n0, int64_t n1,
                       float* y, int64_t ldy);
-  // Tiled weights (nullptr: each tile is turned back into rows for qlinear).
+  // Tiled weights (every table with integer kernels has it: models are tiled at load).
   void (*qlinear_tiled)(const QuantActs& acts, const int32_t* block_corr, const TiledWeights& w, int64_t t0,
                         int64_t t1, float* y, int64_t ldy);
   void (*woq_f32)(const float* x, int64_t M, const QuantWeights& w, int64_t n0, int64_t n1, float* y, int64_t ldy);

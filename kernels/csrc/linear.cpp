@@ -6,7 +6,7 @@
 //       row for SmoothQuant's W8A8): integer dot products, fp32 result.
 //   qlinear_tiled(x, tiles, scales, bits, n, act_per_row, bias)
 //       the same for symmetric weights tiled 16 rows at a time (formats/tiling.py, isa.h): the
-//       AVX-512 VNNI decode path.
+//       decode and prefill path of every symmetric integer mode.
 //   woq_linear_f32(x, qweight, scales, offsets, bits, zero, bias)
 //       the same weights dequantized in registers, fp32 activations and accumulation.
 //   dequantize_into(qweight, scales, offsets, bits, zero, out)
@@ -136,35 +136,6 @@ torch::Tensor qlinear_out(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   return finish(y, bias, "qlinear");
 }
 
-namespace {
-
-// Tile t of a tiled weight back in the row layout of QuantWeights (signed int8, or nibbles with
-// zero 8) with float32 scales, for tables without a tiled kernel.
-QuantWeights untile(const TiledWeights& w, int64_t t, std::vector<uint8_t>& rows, std::vector<float>& scales) {
-  const int64_t nb = w.K / kBlock, row_bytes = w.bits == 8 ? w.K : w.K / 2, groups_of_4 = w.bits == 8 ? 8 : 4;
-  rows.resize(16 * row_bytes), scales.resize(16 * w.groups);
-  const uint8_t* tile = w.data + t * w.tile_bytes();
-  const uint8_t flip = w.bits == 8 ? 0x80 : 0x00;  // int8 is stored as w + 128
-  for (int64_t r = 0; r < 16; ++r) {
-    for (int64_t b = 0; b < nb; ++b) {
-      for (int64_t j = 0; j < groups_of_4; ++j) {
-        for (int64_t i = 0; i < 4; ++i) {
-          rows[r * row_bytes + b * row_bytes / nb + 4 * j + i] = tile[b * w.block_bytes() + j * 64 + r * 4 + i] ^ flip;
-        }
-      }
-    }
-    for (int64_t g = 0; g < w.groups; ++g) {
-      const int64_t at = (t * w.groups + g) * 16 + r;
-      scales[r * w.groups + g] = w.scales_fp16 ? static_cast<float>(c10::Half(static_cast<const uint16_t*>(w.scales)[at],
-                                                                                c10::Half::from_bits()))
-                                               : static_cast<const float*>(w.scales)[at];
-    }
-  }
-  return QuantWeights{rows.data(), scales.data(), false, nullptr, w.bits == 8 ? 0.f : 8.f, w.bits, w.groups, w.K};
-}
-
-}  // namespace
-
 // qlinear for a symmetric weight tiled by formats/tiling.py: tiles uint8 [ceil(N / 16), K x 16 or
 // K x 8 (4 bits)], scales float32/float16 [ceil(N / 16), groups, 16].
 torch::Tensor qlinear_tiled_out(torch::Tensor x, torch::Tensor tiles, torch::Tensor scales, int64_t bits, int64_t N,
@@ -189,27 +160,15 @@ torch::Tensor qlinear_tiled_out(torch::Tensor x, torch::Tensor tiles, torch::Ten
   const QuantActs acts = quantize_acts(k, x, K, w.groups, act_per_row);
   auto y = output(out, M, N, x, "qlinear_tiled");
   float* yp = y.data_ptr<float>();
-  if (k.qlinear_tiled != nullptr) {
-    thread_local std::vector<int32_t> corr;
-    corr.resize(M * nb);
-    for (int64_t i = 0; i < M * nb; ++i) {
-      int32_t sum = 0;
-      for (int64_t k = 0; k < kBlock; ++k) sum += acts.q[i * kBlock + k];
-      corr[i] = -w.zero_u * sum;
-    }
-    const int32_t* block_corr = corr.data();  // not `corr` inside the lambda: that names each thread's own
-    parallel_chunks(T, 1, [&](int64_t t0, int64_t t1) { k.qlinear_tiled(acts, block_corr, w, t0, t1, yp, N); });
-  } else {
-    parallel_chunks(T, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<uint8_t> rows;
-      std::vector<float> row_scales, out(M * 16), scratch((1 + kMaxTile) * nb);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = std::min<int64_t>(16, N - t * 16);
-        k.qlinear(acts, untile(w, t, rows, row_scales), 0, n, out.data(), 16, scratch.data());
-        for (int64_t m = 0; m < M; ++m) std::copy_n(out.data() + m * 16, n, yp + m * N + t * 16);
-      }
-    });
+  thread_local std::vector<int32_t> corr;
+  corr.resize(M * nb);
+  for (int64_t i = 0; i < M * nb; ++i) {
+    int32_t sum = 0;
+    for (int64_t j = 0; j < kBlock; ++j) sum += acts.q[i * kBlock + j];
+    corr[i] = -w.zero_u * sum;
   }
+  const int32_t* block_corr = corr.data();  // not `corr` inside the lambda: that names each thread's own
+  parallel_chunks(T, 1, [&](int64_t t0, int64_t t1) { k.qlinear_tiled(acts, block_corr, w, t0, t1, yp, N); });
   return finish(y, bias, "qlinear_tiled");
 }
 

@@ -1,11 +1,12 @@
-"""The tiled weight layout of the AVX-512 VNNI kernel (kernels/csrc/isa.h, TiledWeights), the
+"""The tiled weight layout of the integer kernels (kernels/csrc/isa.h, TiledWeights), the
 conversions to and from it (quantized_linear.tile_model applies it to a model once, at load).
 
 Why a second layout: in the row layout each output row pays its own scale work per block of 32
 columns and a horizontal sum at the end; interleaving 16 rows 4 bytes at a time lets one
-512-bit dot product serve 16 rows with one activation broadcast, and the scale work be shared
-by the 16 rows (see kernels/csrc/x86/avx512/tiled.cpp). Only hosts whose kernels run AVX-512 VNNI
-tile; the op still answers on a lower ISA (tests), by untiling in C++.
+512-bit dot product (AVX-512 VNNI) serve 16 rows with one activation broadcast, or one 256-bit
+one (AVX2) 8 rows, and the scale work and int4 unpacking be shared by those rows (see
+kernels/csrc/x86/avx512/tiled.cpp and x86/avx2/tiled.cpp). Every ISA with integer kernels reads
+the same tiles, so symmetric integer layers are tiled on every host.
 
 Per tile of 16 rows and block of 32 columns: int8 [8 groups of 4 columns][16 rows][4 bytes],
 stored unsigned (w + 128); int4 [4 groups][16 rows][4 bytes], where the row layout's bytes
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 from .quantlib import PackedWeight
 
 TILE = 16  # output rows per tile: the float32 lanes of a 512-bit register
-TILED_ISA = "avx512-vnni"
 SLICE_TILES = 64  # tiles converted at a time (1,024 rows)
 ZERO = {8: 0.0, 4: 8.0}  # the symmetric formats' zero points in the row layout (quantlib.kernel_weights)
 

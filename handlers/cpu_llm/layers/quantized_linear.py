@@ -78,10 +78,8 @@ class QuantizedLinear(torch.nn.Module):
         return tiling.TiledWeight(self.qweight, self.scales, self.bits, self.out_features)
 
     def can_tile(self) -> bool:
-        """Whether this host's kernels serve the weight tiled (integer compute on AVX-512 VNNI,
-        symmetric weights)."""
-        return (not self.tiled and self.integer_kernel and kernels.current_isa() == tiling.TILED_ISA
-                and tiling.can_tile(self.packed))
+        """Whether the kernels serve the weight tiled (integer compute, symmetric weights)."""
+        return not self.tiled and self.integer_kernel and tiling.can_tile(self.packed)
 
     def tile(self, scratch: torch.Tensor | None = None) -> bool:
         """Move the weight into the tiled layout, in place, where can_tile(); True if it did."""

@@ -70,7 +70,7 @@ def served_model(model: torch.nn.Module, q: QuantizationConfig, backend: str, rs
 
         extra = native_backend.fp32_matvec(model)  # fp32 layers left (all of them, or a kept head)
     if backend == "native" and q.method != "none":
-        extra["tiled_layers"] = tile_model(model)  # the AVX-512 VNNI kernel's layout, where it serves
+        extra["tiled_layers"] = tile_model(model)  # the integer kernels' tiled layout, where it serves
         release_freed_memory()  # tiling's slices
     counts, quantized = module_report(model)
     if q.method != "none" and quantized == 0:

@@ -12,7 +12,7 @@ const KernelTable kAvx2Kernels{
     qlinear_avx2,
     nullptr,  // prepare_pairs: symmetric weights go through qlinear
     nullptr,  // qlinear_sym
-    nullptr,  // qlinear_tiled: tiles are turned back into rows
+    qlinear_tiled_avx2,
     woq_f32_avx2,
     dequantize_avx2,
     linear_f32_avx2,
