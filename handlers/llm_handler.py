@@ -26,6 +26,7 @@ import torch
 from ts.handler_utils.utils import send_intermediate_predict_response
 from ts.torch_handler.base_handler import BaseHandler
 
+from cpu_llm import kernels
 from cpu_llm.api.responses import Reply
 from cpu_llm.api.routes import Router
 from cpu_llm.config.serving import check_context_length, parse_serving_config, resolve_threads
@@ -54,6 +55,7 @@ class LLMHandler(BaseHandler):
         self.config = parse_serving_config(context.model_yaml_config)
         threads = resolve_threads(self.config)
         torch.set_num_threads(threads)
+        kernels.use_isa(self.config.kernel_isa)  # before loading: calibration runs the kernels too
         source = resolve_model_source(self.config.model_path, context.system_properties["model_dir"])
         self.served, self.tokenizer_info = load_for_serving(source, self.config.quantization,
                                                             context.system_properties["model_dir"],
@@ -75,10 +77,11 @@ class LLMHandler(BaseHandler):
                         DynamicSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
                                        on_running=self._running))
         logger.info(
-            "loaded %s: %.1fM parameters, %d threads, %s batching, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s",
+            "loaded %s: %.1fM parameters, %d threads, %s batching, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s, "
+            "kernels %s",
             source, params / 1e6, threads, "continuous" if continuous else "dynamic",
             time.perf_counter() - started, psutil.Process(os.getpid()).memory_info().rss / 2**20,
-            torch.__version__, torch.backends.cpu.get_cpu_capability(),
+            torch.__version__, torch.backends.cpu.get_cpu_capability(), kernels.kernel_status(),
         )
         self.initialized = True
 

@@ -1,21 +1,28 @@
-"""Decode speed and memory of every native mode side by side with llama.cpp on identical weights.
+"""Prefill and decode speed and memory of every native mode side by side with llama.cpp on identical weights.
 
     python scripts/bench_peer.py                                  # make bench-peer: SmolLM2 and a 1B Llama shape
     python scripts/bench_peer.py --models models/SmolLM2-135M-Instruct --threads 2
+    python scripts/bench_peer.py --isa avx2 --llama /tmp/llama.cpp-avx2   # both sides on AVX2 only
 
-For each model folder: llama.cpp's `llama-bench` decodes 64 tokens on GGUF F32 / Q8_0 / Q4_0
-made from the same safetensors, and our served path (load_for_serving, the server's own
-prefill/decode functions) decodes 64 tokens after a 32-token prompt in fp32, WoQ INT8, WoQ INT4
-and SmoothQuant, each in a fresh process. The two alternate: in each of --rounds rounds (3)
-llama-bench runs once, then ours, so each pair sees the same machine (a shared host's speed
-drifts by tens of percent within minutes); the ratio printed is the median of the rounds'
-ratios, with their range. Printed side by side: tokens/s at batch 1 (medians) with the
-ratio to the llama.cpp counterpart (fp32 vs F32, INT8 and SmoothQuant vs Q8_0, INT4 vs Q4_0),
-batch 8 aggregate and its ratio to batch 1, the weights' read bandwidth achieved as a share of
+For each model folder: llama.cpp's `llama-bench` prefills 128 and 512 tokens (pp128, pp512) and
+decodes 64 (tg64) on GGUF F32 / Q8_0 / Q4_0 made from the same safetensors, and our served path
+(load_for_serving, the server's own runner) prefills one prompt of 128 and of 512 tokens and
+decodes 64 tokens after a 32-token prompt in fp32, WoQ INT8, WoQ INT4 and SmoothQuant, each in a
+fresh process. The two alternate: in each of --rounds rounds (3) llama-bench runs once, then ours,
+so each pair sees the same machine (a shared host's speed drifts by tens of percent within
+minutes); each ratio printed is the median of the rounds' ratios, with their range. Printed side
+by side: tokens/s at batch 1 (medians) with the ratio to the llama.cpp counterpart (fp32 vs F32,
+INT8 and SmoothQuant vs Q8_0, INT4 vs Q4_0), prefill tokens/s and ratios, batch 8 and 16
+aggregates and their ratio to batch 1, the weights' read bandwidth achieved as a share of
 the machine's bandwidth measured in the same run, peak RSS while loading and quantizing (for
 SmoothQuant a first load, calibrating: each process starts with an empty calibration cache), and
 RSS while serving. With --accuracy, also perplexity of each mode beside llama.cpp's on the same
 held-out text (eval/python-reference.txt, scored the same way).
+
+Each side's instruction set is printed: ours is `--isa` (the config's handler.kernel_isa; auto =
+the best this CPU has), llama.cpp's the one its build directory (--llama) was built for
+(build_llama_cpp.sh's LLAMA_ISA, built there if missing: auto -> native, avx2 -> avx2,
+avx512-vnni -> avx512). Compare like with like: `--isa avx2` against a `LLAMA_ISA=avx2` build.
 
 llama.cpp is a peer for this comparison only: it is built from the llama-cpp-python sdist and
 the GGUFs are converted by ../shared/peer/ (build_llama_cpp.sh, to_gguf.sh, make_shape_model.py),
@@ -44,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from cpu_llm.config.serving import parse_serving_config  # noqa: E402
+from cpu_llm.kernels import kernel_status  # noqa: E402
 from cpu_llm.load.calibration import CACHE_DIR_ENV  # noqa: E402
 from evaluate import (TEXT, bytes_read_per_step, evaluate_all, framework_overhead_ms, memory_bandwidth_gb_s,  # noqa: E402, I001
                       peak_rss_mib, perplexity_change, serve_like_the_worker, speed)
@@ -53,33 +61,53 @@ MODES = [  # (our config, the llama.cpp format it is compared with)
     ("configs/fp32.yaml", "F32"), ("configs/woq-int8.yaml", "Q8_0"),
     ("configs/woq-int4.yaml", "Q4_0"), ("configs/smoothquant.yaml", "Q8_0"),
 ]
+BATCHES = (1, 8, 16)  # decode batch sizes measured (the first paired with llama.cpp)
 SHAPE_1B = "llama-1b-shape"  # hidden 2048, 16 layers, FFN 8192, GQA 32/8, tied: 1.07B parameters
+
+
+def cpu_name() -> str:
+    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "unknown CPU")
 
 
 def run(cmd: list[str], **kwargs) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs).stdout
 
 
-def prepare_peer(work: Path, models: list[Path], peer: Path = PEER) -> dict[Path, Path]:
-    """llama.cpp built (kept if work/bin/llama-bench exists: a host without network can build
-    it beforehand), and each model's GGUFs (prefix per model folder)."""
-    run(["bash", str(peer / "build_llama_cpp.sh"), str(work)])
+LLAMA_ISA = {"auto": "native", "avx2": "avx2", "avx512-vnni": "avx512"}  # our --isa -> build_llama_cpp.sh's
+
+
+def llama_isa(llama: Path) -> str:
+    """What the llama.cpp build in `llama` was compiled for (build_llama_cpp.sh writes isa.txt)."""
+    stamp = llama / "isa.txt"
+    return stamp.read_text().strip() if stamp.is_file() else "unknown ISA"
+
+
+def prepare_peer(work: Path, models: list[Path], peer: Path = PEER, llama: Path | None = None,
+                 isa: str = "auto") -> dict[Path, Path]:
+    """llama.cpp built for `isa` in `llama` (default: work; kept if llama/bin/llama-bench exists:
+    a host without network can build it beforehand), and each model's GGUFs in work/gguf (prefix
+    per model folder)."""
+    llama = llama or work
+    run(["bash", str(peer / "build_llama_cpp.sh"), str(llama)], env={**os.environ, "LLAMA_ISA": LLAMA_ISA[isa]})
     prefixes = {}
     for model in models:
         prefix = work / "gguf" / model.name
         if not all(Path(f"{prefix}-{t}.gguf").is_file() for t in ("F32", "Q8_0", "Q4_0")):
             prefix.parent.mkdir(parents=True, exist_ok=True)
             print(f"converting {model} to GGUF F32/Q8_0/Q4_0 ...", flush=True)
-            run(["bash", str(peer / "to_gguf.sh"), str(model), str(prefix), sys.executable, str(work)])
+            run(["bash", str(peer / "to_gguf.sh"), str(model), str(prefix), sys.executable, str(llama)])
         prefixes[model] = prefix
     return prefixes
 
 
-def llama_bench(work: Path, gguf: Path, threads: int) -> float:
-    """llama.cpp's decode tokens/s (tg64, one repetition after its warm-up)."""
-    out = run([str(work / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", "64",
-               "-r", "1", "-o", "json"])
-    return float(json.loads(out)[0]["avg_ts"])
+def llama_bench(llama: Path, gguf: Path, threads: int, prompts: list[int]) -> dict[str, float]:
+    """llama.cpp's tokens/s: decode ("tg", tg64) and prefill of each prompt length ("pp128", ...),
+    one repetition after its warm-up."""
+    out = run([str(llama / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads),
+               "-p", ",".join(map(str, prompts)) or "0", "-n", "64", "-r", "1", "-o", "json"])
+    return {("tg" if entry["n_gen"] else f"pp{entry['n_prompt']}"): float(entry["avg_ts"])
+            for entry in json.loads(out) if entry["n_gen"] or entry["n_prompt"]}
 
 
 def llama_perplexity(work: Path, gguf: Path, text: Path, threads: int) -> tuple[float, float]:
@@ -110,42 +138,53 @@ def accuracy_table(work: Path, model: Path, prefix: Path, threads: int) -> str:
     return "\n".join(lines)
 
 
-def ours(config_path: Path, model_dir: Path, threads: int, work: Path, gguf: Path, rounds: int) -> dict:
+def ours(config_path: Path, model_dir: Path, threads: int, isa: str, llama: Path, gguf: Path, rounds: int,
+         prompts: list[int]) -> dict:
     """One mode in this process: load as the server does, then `rounds` times llama-bench on
-    `gguf` followed by our batch-1 decode (paired: each pair sees the same machine, on a host
-    whose speed drifts by tens of percent within minutes), then batch 8 and the overhead."""
+    `gguf` followed by our batch-1 decode and prefills (paired: each pair sees the same machine,
+    on a host whose speed drifts by tens of percent within minutes), then batches 8 and 16 and
+    the overhead."""
     raw = yaml.safe_load(config_path.read_text())
     raw.setdefault("quantization", {})["backend"] = "native"
     raw["handler"]["num_threads"] = threads
+    raw["handler"]["kernel_isa"] = isa
     config = parse_serving_config(raw)
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    served, info = serve_like_the_worker(config, model_dir)
+    served, info = serve_like_the_worker(config, model_dir, slots=max(BATCHES))
     row = {"load_s": round(time.perf_counter() - started, 1),
            "peak_rss_load_mib": round(peak_rss_mib()),
            "rss_mib": round(psutil.Process().memory_info().rss / 2**20),
-           "step_bytes": bytes_read_per_step(served), "report": served.report}
-    row["pairs"] = []  # (ours, llama.cpp) batch-1 tokens/s per round
+           "step_bytes": bytes_read_per_step(served), "report": served.report, "kernels": kernel_status()}
+    row["pairs"] = []  # ({"tg": ours, "pp128": ...}, {the same for llama.cpp}) per round
     for _ in range(rounds):
-        peer = llama_bench(work, gguf, threads)
-        row["pairs"].append((speed(served, info.pad_id, 1)["decode_tok_s_b1"], peer))
-    row["decode_tok_s_b1"] = statistics.median(o for o, _ in row["pairs"])
-    row["peer_tok_s"] = statistics.median(p for _, p in row["pairs"])
-    row["ratio"] = statistics.median(o / p for o, p in row["pairs"])
-    row.update(speed(served, info.pad_id, 8))
+        peer = llama_bench(llama, gguf, threads, prompts)
+        mine = {"tg": speed(served, info.pad_id, 1)["decode_tok_s_b1"]}
+        for n in prompts:
+            mine[f"pp{n}"] = speed(served, info.pad_id, 1, prompt_len=n, steps=1)["prefill_tok_s_b1"]
+        row["pairs"].append((mine, peer))
+    for key in ["tg"] + [f"pp{n}" for n in prompts]:
+        ratios = [o[key] / p[key] for o, p in row["pairs"]]
+        row[key] = {"ours": statistics.median(o[key] for o, _ in row["pairs"]),
+                    "peer": statistics.median(p[key] for _, p in row["pairs"]),
+                    "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios)}
+    for batch in BATCHES[1:]:
+        row.update(speed(served, info.pad_id, batch))
     if served.runner is not None:
         row.update(framework_overhead_ms(served.runner))
     row["serving_rss_mib"] = round(psutil.Process().memory_info().rss / 2**20)
     return row
 
 
-def ours_isolated(config: Path, model_dir: Path, threads: int, work: Path, gguf: Path, rounds: int) -> dict:
+def ours_isolated(config: Path, model_dir: Path, threads: int, isa: str, llama: Path, gguf: Path, rounds: int,
+                  prompts: list[int]) -> dict:
     """ours() in a fresh process, with an empty calibration cache: SmoothQuant's row is a first
     load, its calibration included (the worst case for its peak memory)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out, tempfile.TemporaryDirectory() as cache:
         subprocess.run([sys.executable, __file__, "--single", str(config), "--model-dir", str(model_dir),
-                        "--threads", str(threads), "--work", str(work), "--gguf", str(gguf), "--rounds", str(rounds),
-                        "--out", out.name], check=True, env={**os.environ, CACHE_DIR_ENV: cache})
+                        "--threads", str(threads), "--isa", isa, "--llama", str(llama), "--gguf", str(gguf),
+                        "--rounds", str(rounds), "--prompts", ",".join(map(str, prompts)), "--out", out.name],
+                       check=True, env={**os.environ, CACHE_DIR_ENV: cache})
         return json.loads(Path(out.name).read_text())
 
 
@@ -160,30 +199,47 @@ def peak_at_load(r: dict) -> str:
     return f"{r['peak_rss_load_mib']}{' (fp32 held: calibrating)' if held else ''}"
 
 
-def table(model: Path, rows: list[tuple[str, str, dict, float]], bandwidth: float) -> str:
+def ratio(r: dict, key: str) -> str:
+    """Ours vs llama.cpp for one measurement: both medians, the median ratio and its range."""
+    m = r[key]
+    return f"{m['ours']:.1f} vs {m['peer']:.1f} (**{m['ratio']:.2f}x**, {m['low']:.2f}-{m['high']:.2f})"
+
+
+def table(model: Path, rows: list[tuple[str, str, dict, float]], bandwidth: float, prompts: list[int]) -> str:
+    pp = [f"pp{n}" for n in prompts]
     lines = [f"### {model.name}",
              "",
-             "| ours | tok/s b1 | llama.cpp | tok/s | ours / llama.cpp (range) | ours GB/s b1 (share of machine) | "
-             "llama.cpp GB/s | tok/s b8 (x b1) | step ms b1 (overhead) | peak RSS load MiB | RSS serving MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ours | llama.cpp | decode b1 tok/s: ours vs llama.cpp (ratio, range) | "
+             + "".join(f"prefill {key} tok/s | " for key in pp)
+             + "ours GB/s b1 (share of machine) | llama.cpp GB/s | "
+             + "".join(f"tok/s b{b} (x b1) | " for b in BATCHES[1:])
+             + "step ms b1 (overhead) | peak RSS load MiB | RSS serving MiB |",
+             "|" + "---|" * (8 + len(pp) + len(BATCHES[1:]))]
     for config, fmt, r, peer_bytes in rows:
-        b1, b8, peer = r["decode_tok_s_b1"], r["decode_tok_s_b8"], r["peer_tok_s"]
+        b1 = r["tg"]["ours"]
         gb = r["step_bytes"] * b1 / 1e9
-        ratios = [o / p for o, p in r["pairs"]]
-        lines.append(f"| {Path(config).stem} | {b1:.1f} | {fmt} | {peer:.1f} | **{r['ratio']:.2f}x** "
-                     f"({min(ratios):.2f}-{max(ratios):.2f}) | "
-                     f"{gb:.1f} ({100 * gb / bandwidth:.0f} %) | {peer_bytes * peer / 1e9:.1f} | "
-                     f"{b8:.1f} ({b8 / b1:.1f}x) | {overhead(r)} | {peak_at_load(r)} | "
-                     f"{r['serving_rss_mib']} |")
+        lines.append(f"| {Path(config).stem} | {fmt} | {ratio(r, 'tg')} | "
+                     + "".join(f"{ratio(r, key)} | " for key in pp)
+                     + f"{gb:.1f} ({100 * gb / bandwidth:.0f} %) | {peer_bytes * r['tg']['peer'] / 1e9:.1f} | "
+                     + "".join(f"{r[f'decode_tok_s_b{b}']:.1f} ({r[f'decode_tok_s_b{b}'] / b1:.1f}x) | "
+                               for b in BATCHES[1:])
+                     + f"{overhead(r)} | {peak_at_load(r)} | {r['serving_rss_mib']} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", type=Path,
-                        help=f"HF model folders (default: the default model and a 1B shape made in --work)")
+                        help="HF model folders (default: the default model and a 1B shape made in --work)")
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"),
+                        help="GGUFs and the 1B shape; also llama.cpp's build unless --llama")
+    parser.add_argument("--isa", default="auto", choices=sorted(LLAMA_ISA),
+                        help="our kernels' instruction set (handler.kernel_isa); default: the best this CPU has")
+    parser.add_argument("--llama", type=Path,
+                        help="llama.cpp build directory (default: --work for --isa auto, else --work-<LLAMA_ISA>); "
+                             "built there for the matching LLAMA_ISA if missing")
+    parser.add_argument("--prompts", default="128,512", help="prompt lengths of the prefill comparison")
     parser.add_argument("--peer", type=Path, default=PEER, help="the peer scripts (default: %(default)s)")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--accuracy", action="store_true",
@@ -195,9 +251,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    prompts = [int(n) for n in args.prompts.split(",") if n]
+    llama = args.llama or (args.work if args.isa == "auto" else Path(f"{args.work}-{LLAMA_ISA[args.isa]}"))
     if args.single:
-        args.out.write_text(json.dumps(ours(args.single, args.model_dir, args.threads, args.work, args.gguf,
-                                            args.rounds)))
+        args.out.write_text(json.dumps(ours(args.single, args.model_dir, args.threads, args.isa, llama, args.gguf,
+                                            args.rounds, prompts)))
         return
     models = args.models
     if not models:
@@ -207,26 +265,30 @@ def main() -> None:
             run([sys.executable, str(args.peer / "make_shape_model.py"), "--out", str(shape),
                  "--tokenizer-from", str(ROOT / "models" / "SmolLM2-135M-Instruct")])
         models = [ROOT / "models" / "SmolLM2-135M-Instruct", shape]
-    prefixes = prepare_peer(args.work, models, args.peer)
+    prefixes = prepare_peer(args.work, models, args.peer, llama, args.isa)
     bandwidth = memory_bandwidth_gb_s(args.threads)
+    sides = f"ours: --isa {args.isa}; llama.cpp: {llama} built for {llama_isa(llama)}"
     print(f"machine read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads); "
-          f"CPU: {psutil.cpu_count()} logical, torch ISA {torch.backends.cpu.get_cpu_capability()}", flush=True)
+          f"CPU: {psutil.cpu_count()} logical, torch ISA {torch.backends.cpu.get_cpu_capability()}; {sides}", flush=True)
     tables = []
     for model in models:
         rows = []
         for config, fmt in MODES:
             gguf = Path(f"{prefixes[model]}-{fmt}.gguf")
-            r = ours_isolated(ROOT / config, model, args.threads, args.work, gguf, args.rounds)
+            r = ours_isolated(ROOT / config, model, args.threads, args.isa, llama, gguf, args.rounds, prompts)
             rows.append((config, fmt, r, gguf.stat().st_size))
-            pairs = ", ".join(f"{o:.1f}/{p:.1f}" for o, p in r["pairs"])
-            print(f"{model.name} {Path(config).stem} vs llama.cpp {fmt}: {r['ratio']:.2f}x (rounds, ours/llama.cpp "
-                  f"tok/s: {pairs}); step {overhead(r)} ms; runner {r['report'].get('runner')}; kernels "
-                  f"{r['report'].get('kernels', r['report'].get('fp32_matvec'))}", flush=True)
-        tables.append(table(model, rows, bandwidth))
+            pairs = "; ".join(", ".join(f"{key} {o[key]:.1f}/{p[key]:.1f}" for key in o) for o, p in r["pairs"])
+            print(f"{model.name} {Path(config).stem} vs llama.cpp {fmt}: decode {r['tg']['ratio']:.2f}x "
+                  + "".join(f", pp{n} {r[f'pp{n}']['ratio']:.2f}x" for n in prompts)
+                  + f" (rounds, ours/llama.cpp tok/s: {pairs}); step {overhead(r)} ms; runner "
+                  f"{r['report'].get('runner')}; kernels {r['kernels']}", flush=True)
+        tables.append(table(model, rows, bandwidth, prompts))
     if args.accuracy:
         tables.append(accuracy_table(args.work, models[0], prefixes[models[0]], args.threads))
-    text = (f"Machine read bandwidth measured in this run: {bandwidth:.1f} GB/s, {args.threads} threads. "
-            "Batch-1 decode of 64 tokens; ours after a 32-token prompt, llama.cpp's tg64. Each mode: "
+    text = (f"{cpu_name()}; {sides}; our kernels: {rows[0][2]['kernels']}. "
+            f"Machine read bandwidth measured in this run: {bandwidth:.1f} GB/s, {args.threads} threads. "
+            "Batch-1 decode of 64 tokens; ours after a 32-token prompt, llama.cpp's tg64. Prefill of one prompt "
+            f"of {' and '.join(map(str, prompts))} tokens, llama.cpp's pp{' and pp'.join(map(str, prompts))}. Each mode: "
             f"{args.rounds} paired rounds (llama-bench, then ours in the same minute); tok/s are medians, the "
             "ratio is the median of the rounds' ratios (range in brackets).\n\n" + "\n\n".join(tables))
     print()

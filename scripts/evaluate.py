@@ -35,6 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "handlers"))
+from cpu_llm import kernels  # noqa: E402
 from cpu_llm.api.prompt import encode_prompt  # noqa: E402
 from cpu_llm.api.request import parse_request  # noqa: E402
 from cpu_llm.config.serving import parse_serving_config, resolve_threads  # noqa: E402
@@ -250,7 +251,9 @@ def framework_overhead_ms(runner, prompt_len: int = 32, steps: int = 32) -> dict
 
 
 def serve_like_the_worker(config, model_dir: Path, slots: int = 8):
-    """load_for_serving, then our runner where the server would use it (slots for batch 8)."""
+    """load_for_serving, then our runner where the server would use it (slots for batch 8), on
+    the kernels' ISA the config names (handler.kernel_isa; CPU_LLM_ISA overrides it)."""
+    kernels.use_isa(config.kernel_isa)
     served, info = load_for_serving(str(model_dir), config.quantization, str(ROOT))
     attach_runner(served, config.runner, max(slots, config.batch_size),
                   config.max_prompt_tokens + config.max_new_tokens, config.prefill_chunk_tokens)

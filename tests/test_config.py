@@ -52,11 +52,19 @@ def test_unknown_handler_key_names_the_key():
     ({"num_threads": "many"}, "handler.num_threads"),
     ({"model_path": ""}, "handler.model_path"),
     ({"default_max_new_tokens": 600, "max_new_tokens": 512}, "handler.default_max_new_tokens"),
+    ({"kernel_isa": "sse2"}, "handler.kernel_isa"),
+    ({"kernel_isa": 2}, "handler.kernel_isa"),
 ])
 def test_bad_handler_values_name_the_key(section, key):
     with pytest.raises(ConfigError) as error:
         parse_serving_config({"handler": section})
     assert error.value.key == key
+
+
+def test_kernel_isa_takes_names_and_aliases_in_any_case():
+    assert parse_serving_config({}).kernel_isa == "auto"
+    assert parse_serving_config({"handler": {"kernel_isa": "AVX512"}}).kernel_isa == "avx512-vnni"
+    assert parse_serving_config({"handler": {"kernel_isa": "avx2"}}).kernel_isa == "avx2"
 
 
 def test_context_length_check():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cpu_llm import kernels
+from cpu_llm.core.errors import ConfigError
 from cpu_llm.formats import tiling
 from cpu_llm.formats.quantlib import QuantSpec, kernel_weights, quantize
 
@@ -233,3 +234,32 @@ def test_cpu_llm_isa_this_cpu_cannot_run_is_an_error_naming_the_variable():
     result = _import_ops_with("sse9")
     assert result.returncode != 0
     assert "environment: CPU_LLM_ISA: 'sse9' is not an instruction set" in result.stderr
+
+
+@pytest.mark.skipif(len(kernels.supported_isas()) < 2 or kernels.FORCED_ISA is not None,
+                    reason="needs a CPU with more than AVX2, and CPU_LLM_ISA unset")
+def test_the_configs_kernel_isa_lowers_the_isa_and_auto_restores_the_best(monkeypatch):
+    best = kernels.current_isa()
+    try:
+        kernels.use_isa("avx2")
+        assert kernels.current_isa() == "avx2"
+        assert kernels.kernel_status() == "cpu_llm_kernels (avx2, forced by handler.kernel_isa)"
+        kernels.use_isa("auto")
+        assert kernels.current_isa() == best and "forced" not in kernels.kernel_status()
+        monkeypatch.setattr(kernels._kernels, "supported_isas", lambda: ["avx2"])  # as on an AVX2-only host
+        with pytest.raises(ConfigError, match=r"model-config.yaml: handler.kernel_isa: 'avx512-vnni' is not an "
+                                              r"instruction set our kernels run on this CPU \(it runs: avx2"):
+            kernels.use_isa("avx512-vnni")
+    finally:
+        kernels.set_isa(best)
+
+
+@pytest.mark.skipif(len(kernels.supported_isas()) < 2, reason="needs a CPU with more than AVX2")
+def test_cpu_llm_isa_wins_over_the_configs_kernel_isa():
+    code = ("from cpu_llm import kernels; kernels.use_isa('avx512-vnni'); "
+            "print(kernels.current_isa(), kernels.kernel_status())")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, kernels.ISA_ENV: "avx2"},
+                            cwd=Path(__file__).resolve().parents[1] / "handlers", capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "avx2" and "forced by CPU_LLM_ISA" in result.stdout

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config.serving import HANDLER_SECTION, KERNEL_ISA_ALIASES, kernel_isa_name
 from .core.errors import ConfigError
 from .formats.quantlib import PackedWeight
 
@@ -24,28 +25,48 @@ try:
 except ImportError:  # not built (no compiler at install time, or built for another torch)
     _kernels = None
 
-# CPU_LLM_ISA=avx2 runs the kernels on AVX2 on a CPU that has more, so one machine can serve,
-# test and benchmark every path (the best one the CPU has otherwise).
+# CPU_LLM_ISA=avx2 (or the config's handler.kernel_isa) runs the kernels on AVX2 on a CPU that has
+# more, so one machine can serve, test and benchmark every path (the best one the CPU has otherwise).
 ISA_ENV = "CPU_LLM_ISA"
-ISA_ALIASES = {"avx512": "avx512-vnni"}
+ISA_KEY = f"{HANDLER_SECTION}.kernel_isa"
 
 
-def _forced_isa() -> str | None:
-    """Apply CPU_LLM_ISA once, at import; a name this CPU cannot run is an error that names it."""
-    raw = os.environ.get(ISA_ENV, "").strip().lower()
-    if not raw or _kernels is None:
-        return None
-    wanted = ISA_ALIASES.get(raw, raw)
+def _run_on(raw: str, key: str, source: str) -> str:
+    """Run the kernels on `raw` (a name or alias); one this CPU cannot run is an error naming `key`."""
+    wanted = kernel_isa_name(raw)
     available = list(_kernels.supported_isas())
     if wanted not in available:
-        raise ConfigError(ISA_ENV, f"{raw!r} is not an instruction set our kernels run on this CPU "
-                          f"(it runs: {', '.join(available) or 'none'}; aliases: {', '.join(ISA_ALIASES)})",
-                          source="environment")
+        raise ConfigError(key, f"{raw!r} is not an instruction set our kernels run on this CPU "
+                          f"(it runs: {', '.join(available) or 'none'}; aliases: {', '.join(KERNEL_ISA_ALIASES)})",
+                          source=source)
     _kernels.set_isa(wanted)
     return wanted
 
 
-FORCED_ISA = _forced_isa()
+def _forced_isa() -> str | None:
+    """Apply CPU_LLM_ISA once, at import."""
+    raw = os.environ.get(ISA_ENV, "").strip()
+    if not raw or _kernels is None:
+        return None
+    return _run_on(raw, ISA_ENV, "environment")
+
+
+FORCED_ISA = _forced_isa()  # what CPU_LLM_ISA forced (None: unset); it wins over the config
+_forced_by = ISA_ENV if FORCED_ISA else None  # what chose a lower ISA than the best, for kernel_status()
+
+
+def use_isa(setting: str) -> None:
+    """Apply the config's `handler.kernel_isa`, once at load: "auto" runs the best ISA, another
+    name that one. CPU_LLM_ISA, when set, overrides it (kernel_status() says which applied)."""
+    global _forced_by
+    if _kernels is None or FORCED_ISA or not _kernels.supported_isas():
+        return
+    if setting == "auto":
+        _kernels.set_isa(_kernels.supported_isas()[0])
+        _forced_by = None
+        return
+    _run_on(setting, ISA_KEY, "model-config.yaml")
+    _forced_by = ISA_KEY if _kernels.isa() != _kernels.supported_isas()[0] else None
 
 
 def _op(name: str):
@@ -75,7 +96,7 @@ def kernel_status() -> str:
         return f"reference (cpu_llm_kernels not importable; build them: {BUILD_COMMAND})"
     if not _kernels.supported_isas():
         return "reference (the CPU lacks AVX2/FMA/F16C)"
-    forced = f", forced by {ISA_ENV}" if FORCED_ISA else ""
+    forced = f", forced by {_forced_by}" if _forced_by else ""
     return f"cpu_llm_kernels ({_kernels.isa()}{forced})"
 
 

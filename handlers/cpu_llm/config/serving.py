@@ -48,6 +48,10 @@ FRONTEND_OTHER_KEYS = {
 }
 HANDLER_SECTION = "handler"
 RUNNERS = ("auto", "llama", "hf")
+# The instruction sets our kernels are built for (kernels/csrc/dispatch.cpp), and their aliases;
+# `kernel_isa` and the CPU_LLM_ISA environment variable take these names.
+KERNEL_ISAS = ("avx2", "avx512-vnni")
+KERNEL_ISA_ALIASES = {"avx512": "avx512-vnni"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class ServingConfig:
     # Continuous batching: one handle() call keeps stepping for up to this many ms (until a request
     # finishes), so TorchServe's round trip per call is paid once per several tokens; 0 = one step.
     steps_per_call_ms: int = 50
+    # Which instruction set our kernels run on: "auto" (the best this CPU has), or a lower one
+    # (avx2, avx512-vnni; alias avx512) to serve or measure that path on a bigger CPU. The
+    # CPU_LLM_ISA environment variable, when set, overrides it; the load log says which applied.
+    kernel_isa: str = "auto"
     # The top-level `quantization:` section (see quantization.py).
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     # TorchServe's top-level `continuousBatching` key: requests join and leave a running batch.
@@ -138,6 +146,10 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
             f"{HANDLER_SECTION}.default_max_new_tokens",
             f"must not exceed handler.max_new_tokens ({values['max_new_tokens']})",
         )
+    kernel_isa = values["kernel_isa"]
+    if not isinstance(kernel_isa, str) or kernel_isa_name(kernel_isa) not in ("auto",) + KERNEL_ISAS:
+        raise ConfigError(f"{HANDLER_SECTION}.kernel_isa", f"must be auto or one of {', '.join(KERNEL_ISAS)} "
+                          f"(aliases: {', '.join(KERNEL_ISA_ALIASES)}), got {kernel_isa!r}")
     if values["runner"] not in RUNNERS:
         raise ConfigError(f"{HANDLER_SECTION}.runner", f"must be one of {', '.join(RUNNERS)} (got {values['runner']!r})")
     quantization = parse_quantization_config(raw.get(QUANTIZATION_SECTION))
@@ -152,7 +164,14 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
                               "TorchServe 0.12's continuous batching stalls a model with several workers; "
                               "scale out with more servers instead (docs/reliability.md)")
     return ServingConfig(**{**values, "num_threads": num_threads, "quantization": quantization,
+                            "kernel_isa": kernel_isa_name(kernel_isa),
                             "continuous_batching": continuous, "batch_size": raw.get("batchSize", 1)})
+
+
+def kernel_isa_name(raw: str) -> str:
+    """The canonical name of an instruction set as the config or CPU_LLM_ISA spells it."""
+    name = raw.strip().lower()
+    return KERNEL_ISA_ALIASES.get(name, name)
 
 
 def check_context_length(config: ServingConfig, model_max_positions: int | None) -> None:
