@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -257,6 +258,8 @@ def main() -> None:
                           f"{row['total_output_tokens_per_s']} output tok/s, TTFT p50 "
                           f"{row['time_to_first_token_ms_p50']} ms, Locust CPU {row['client_cpu_mean_pct']} %",
                           flush=True)
+            if target.config is not None:  # the worker's log (what it loaded, on which kernels), kept
+                shutil.copy(work / "logs" / "model_log.log", args.out / f"{Path(target.label).stem}-model_log.log")
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
     with open(args.out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(results[0]))

@@ -20,7 +20,7 @@ RSS while serving. With --accuracy, also perplexity of each mode beside llama.cp
 held-out text (eval/python-reference.txt, scored the same way).
 
 Each side's instruction set is printed: ours is `--isa` (the config's handler.kernel_isa; auto =
-the best this CPU has), llama.cpp's the one its build directory (--llama) was built for
+the best this CPU has; torch's own kernels and BLAS are held to it too, TORCH_ISA_ENV), llama.cpp's the one its build directory (--llama) was built for
 (build_llama_cpp.sh's LLAMA_ISA, built there if missing: auto -> native, avx2 -> avx2,
 avx512-vnni -> avx512). Compare like with like: `--isa avx2` against a `LLAMA_ISA=avx2` build.
 
@@ -75,6 +75,13 @@ def run(cmd: list[str], **kwargs) -> str:
 
 
 LLAMA_ISA = {"auto": "native", "avx2": "avx2", "avx512-vnni": "avx512"}  # our --isa -> build_llama_cpp.sh's
+# What torch's own kernels and BLAS (our fp32 prefill, the Hugging Face path) may use under --isa:
+# without these, forcing our kernels to AVX2 would leave fp32 GEMMs on AVX-512 or AMX.
+TORCH_ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512-vnni": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+                    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
+}
 
 
 def llama_isa(llama: Path) -> str:
@@ -184,7 +191,7 @@ def ours_isolated(config: Path, model_dir: Path, threads: int, isa: str, llama: 
         subprocess.run([sys.executable, __file__, "--single", str(config), "--model-dir", str(model_dir),
                         "--threads", str(threads), "--isa", isa, "--llama", str(llama), "--gguf", str(gguf),
                         "--rounds", str(rounds), "--prompts", ",".join(map(str, prompts)), "--out", out.name],
-                       check=True, env={**os.environ, CACHE_DIR_ENV: cache})
+                       check=True, env={**os.environ, **TORCH_ISA_ENV.get(isa, {}), CACHE_DIR_ENV: cache})
         return json.loads(Path(out.name).read_text())
 
 
@@ -240,6 +247,8 @@ def main() -> None:
                         help="llama.cpp build directory (default: --work for --isa auto, else --work-<LLAMA_ISA>); "
                              "built there for the matching LLAMA_ISA if missing")
     parser.add_argument("--prompts", default="128,512", help="prompt lengths of the prefill comparison")
+    parser.add_argument("--mode", action="append", choices=[Path(config).stem for config, _ in MODES],
+                        help="only these modes (repeatable; default: all)")
     parser.add_argument("--peer", type=Path, default=PEER, help="the peer scripts (default: %(default)s)")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     parser.add_argument("--accuracy", action="store_true",
@@ -273,7 +282,7 @@ def main() -> None:
     tables = []
     for model in models:
         rows = []
-        for config, fmt in MODES:
+        for config, fmt in [(c, f) for c, f in MODES if not args.mode or Path(c).stem in args.mode]:
             gguf = Path(f"{prefixes[model]}-{fmt}.gguf")
             r = ours_isolated(ROOT / config, model, args.threads, args.isa, llama, gguf, args.rounds, prompts)
             rows.append((config, fmt, r, gguf.stat().st_size))
