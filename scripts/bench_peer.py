@@ -90,6 +90,24 @@ def llama_isa(llama: Path) -> str:
     return stamp.read_text().strip() if stamp.is_file() else "unknown ISA"
 
 
+def add_peer_arguments(parser: argparse.ArgumentParser, work_holds: str) -> None:
+    """--work, --isa and --llama: where the peer's files are and which ISA each side runs (this
+    script and bench_served_peer.py)."""
+    parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"),
+                        help=f"{work_holds}; also llama.cpp's build unless --llama")
+    parser.add_argument("--isa", default="auto", choices=sorted(LLAMA_ISA),
+                        help="our kernels' instruction set (handler.kernel_isa); default: the best this CPU has")
+    parser.add_argument("--llama", type=Path,
+                        help="llama.cpp build directory (default: --work for --isa auto, else --work-<LLAMA_ISA>); "
+                             "built there for the matching LLAMA_ISA if missing. On VMs that report AMX but "
+                             "fault on it, use a LLAMA_ISA=avx512 build")
+
+
+def llama_dir(args: argparse.Namespace) -> Path:
+    """The llama.cpp build the comparison runs: --llama, else one per ISA beside --work."""
+    return args.llama or (args.work if args.isa == "auto" else Path(f"{args.work}-{LLAMA_ISA[args.isa]}"))
+
+
 def prepare_peer(work: Path, models: list[Path], peer: Path = PEER, llama: Path | None = None,
                  isa: str = "auto") -> dict[Path, Path]:
     """llama.cpp built for `isa` in `llama` (default: work; kept if llama/bin/llama-bench exists:
@@ -239,13 +257,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", type=Path,
                         help="HF model folders (default: the default model and a 1B shape made in --work)")
     parser.add_argument("--threads", type=int, default=psutil.cpu_count(logical=False) or 1)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"),
-                        help="GGUFs and the 1B shape; also llama.cpp's build unless --llama")
-    parser.add_argument("--isa", default="auto", choices=sorted(LLAMA_ISA),
-                        help="our kernels' instruction set (handler.kernel_isa); default: the best this CPU has")
-    parser.add_argument("--llama", type=Path,
-                        help="llama.cpp build directory (default: --work for --isa auto, else --work-<LLAMA_ISA>); "
-                             "built there for the matching LLAMA_ISA if missing")
+    add_peer_arguments(parser, "GGUFs and the 1B shape")
     parser.add_argument("--prompts", default="128,512", help="prompt lengths of the prefill comparison")
     parser.add_argument("--mode", action="append", choices=[Path(config).stem for config, _ in MODES],
                         help="only these modes (repeatable; default: all)")
@@ -261,7 +273,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     prompts = [int(n) for n in args.prompts.split(",") if n]
-    llama = args.llama or (args.work if args.isa == "auto" else Path(f"{args.work}-{LLAMA_ISA[args.isa]}"))
+    llama = llama_dir(args)
     if args.single:
         args.out.write_text(json.dumps(ours(args.single, args.model_dir, args.threads, args.isa, llama, args.gguf,
                                             args.rounds, prompts)))

@@ -35,7 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_peer import LLAMA_ISA, TORCH_ISA_ENV, cpu_name, llama_isa, prepare_peer  # noqa: E402
+from bench_peer import TORCH_ISA_ENV, add_peer_arguments, cpu_name, llama_dir, llama_isa, prepare_peer  # noqa: E402
 
 MODES = {  # our config -> the llama.cpp format it is compared with
     "fp32": ("configs/continuous.yaml", "F32"),
@@ -103,16 +103,10 @@ def main() -> None:
     parser.add_argument("--output-tokens", default="64")
     parser.add_argument("--duration", type=int, default=60, help="seconds each server is measured")
     parser.add_argument("--model-dir", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/llama.cpp-peer"),
-                        help="GGUFs; also llama.cpp's build unless --llama")
-    parser.add_argument("--isa", default="auto", choices=sorted(LLAMA_ISA),
-                        help="our kernels' instruction set (handler.kernel_isa); default: the best this CPU has")
-    parser.add_argument("--llama", type=Path,
-                        help="llama.cpp build directory (default: --work for --isa auto, else --work-<LLAMA_ISA>). "
-                             "On VMs that report AMX but fault on it, use a LLAMA_ISA=avx512 build")
+    add_peer_arguments(parser, "GGUFs")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "served-peer")
     args = parser.parse_args()
-    llama = args.llama or (args.work if args.isa == "auto" else Path(f"{args.work}-{LLAMA_ISA[args.isa]}"))
+    llama = llama_dir(args)
     prefix = prepare_peer(args.work, [args.model_dir], llama=llama, isa=args.isa)[args.model_dir]
     context = int(args.prompt_tokens.split("-")[-1]) + int(args.output_tokens.split("-")[-1]) + 64
     lines = [f"{cpu_name()}, {psutil.cpu_count()} logical CPUs; ours: --isa {args.isa} (handler.kernel_isa); "
