@@ -70,16 +70,17 @@ class LLMHandler(BaseHandler):
         continuous = self.config.continuous_batching
         # A dynamic batch runs to its end: its requests never time out.
         engine = engine_for(self.served, self.tokenizer_info,
-                            self.config.request_timeout_s if continuous else float("inf"))
+                            self.config.request_timeout_s if continuous else float("inf"), self.config.prefix_cache)
         self.session = (ContinuousSession(engine, self.config, self.tokenizer_info,
                                           on_finished=self.metrics.finished, on_step=self.metrics.step)
                         if continuous else
                         DynamicSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
                                        on_running=self._running))
         logger.info(
-            "loaded %s: %.1fM parameters, %d threads, %s batching, %.1f s, RSS %.0f MiB, torch %s, CPU ISA %s, "
-            "kernels %s",
+            "loaded %s: %.1fM parameters, %d threads, %s batching, prefix cache %s, %.1f s, RSS %.0f MiB, torch %s, "
+            "CPU ISA %s, kernels %s",
             source, params / 1e6, threads, "continuous" if continuous else "dynamic",
+            "on" if self.config.prefix_cache and self.served.runner is not None else "off",
             time.perf_counter() - started, psutil.Process(os.getpid()).memory_info().rss / 2**20,
             torch.__version__, torch.backends.cpu.get_cpu_capability(), kernels.kernel_status(),
         )

@@ -124,7 +124,7 @@ INFO = TokenizerInfo(tokenizer=CharTokenizer(), eos_ids=frozenset({0}), pad_id=0
 def finished_sequence(stream: bool, text: str = "Paris.", reason: str = "eos") -> Sequence:
     request = GenerationRequest(prompt="Hi", messages=None, max_new_tokens=10, stream=stream)
     seq = Sequence.start(request, [1, 2, 3])
-    seq.generated, seq.text, seq.finish_reason = [ord(c) for c in text], text, reason
+    seq.generated, seq.text, seq.finish_reason, seq.cached_tokens = [ord(c) for c in text], text, reason, 2
     return seq
 
 
@@ -142,7 +142,8 @@ def test_chat_completion_body(reason, expected):
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Paris."},
                                 "logprobs": None, "finish_reason": expected}]
     completion = 6 + (reason == "eos")  # the EOS token counts, as in the native API
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": completion, "total_tokens": 3 + completion}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": completion, "total_tokens": 3 + completion,
+                             "prompt_tokens_details": {"cached_tokens": 2}}
     assert reply.content_type == "application/json"
 
 

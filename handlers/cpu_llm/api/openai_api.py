@@ -212,9 +212,11 @@ def _text_parts(parts: list[Any], where: str) -> str:
     return "".join(texts)
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, Any]:
+    """Token counts; `prompt_tokens_details.cached_tokens` as OpenAI reports its prompt caching."""
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens}}
 
 
 def error_body(message: str, param: str | None, status: int) -> dict[str, Any]:

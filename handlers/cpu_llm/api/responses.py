@@ -31,6 +31,8 @@ def summary(result: GenerationResult) -> dict[str, Any]:
         "timings": {
             "queue_ms": round(result.queue_ms, 1),
             "prefill_ms": round(result.prefill_ms, 1),
+            # Prompt tokens whose keys and values came from the prefix cache instead of the prefill.
+            "cached_prompt_tokens": result.cached_prompt_tokens,
             "time_to_first_token_ms": round(result.time_to_first_token_ms, 1),
             "decode_ms": round(result.decode_ms, 1),
             "total_ms": round(result.total_ms, 1),

@@ -72,6 +72,9 @@ class ServingConfig:
     runner: str = "auto"
     # Our runner prefills at most this many prompt tokens per step, beside the running decodes.
     prefill_chunk_tokens: int = 256
+    # Our runner keeps each finished request's keys and values, and a prompt that starts the same
+    # way (system prompt, earlier chat turns) reuses them instead of prefilling them again.
+    prefix_cache: bool = True
     # Continuous batching: one handle() call keeps stepping for up to this many ms (until a request
     # finishes), so TorchServe's round trip per call is paid once per several tokens; 0 = one step.
     steps_per_call_ms: int = 50
@@ -150,6 +153,8 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
     if not isinstance(kernel_isa, str) or kernel_isa_name(kernel_isa) not in ("auto",) + KERNEL_ISAS:
         raise ConfigError(f"{HANDLER_SECTION}.kernel_isa", f"must be auto or one of {', '.join(KERNEL_ISAS)} "
                           f"(aliases: {', '.join(KERNEL_ISA_ALIASES)}), got {kernel_isa!r}")
+    if not isinstance(values["prefix_cache"], bool):
+        raise ConfigError(f"{HANDLER_SECTION}.prefix_cache", f"must be true or false (got {values['prefix_cache']!r})")
     if values["runner"] not in RUNNERS:
         raise ConfigError(f"{HANDLER_SECTION}.runner", f"must be one of {', '.join(RUNNERS)} (got {values['runner']!r})")
     quantization = parse_quantization_config(raw.get(QUANTIZATION_SECTION))

@@ -26,6 +26,7 @@ class GenerationResult:
     finish_reason: str  # "eos" | "stop" | "length" | "timeout"
     token_ids: tuple[int, ...]  # generated ids, without the EOS token
     prompt_tokens: int
+    cached_prompt_tokens: int  # of prompt_tokens, those whose keys and values came from the prefix cache
     completion_tokens: int
     prefill_ms: float  # the prefill this request was part of
     decode_ms: float  # first token -> last token
@@ -47,6 +48,7 @@ class Sequence:
     text: str = ""  # the final text, set when the sequence finishes
     finish_reason: str | None = None
     prefill_ms: float = 0.0
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not prefilled
     first_token_at: float = 0.0
     finished_at: float = 0.0
     batch_size: int = 1
@@ -70,6 +72,7 @@ class Sequence:
             finish_reason=self.finish_reason or "length",
             token_ids=tuple(self.generated),
             prompt_tokens=len(self.prompt_ids),
+            cached_prompt_tokens=self.cached_tokens,
             completion_tokens=len(self.generated) + (self.finish_reason == "eos"),
             prefill_ms=self.prefill_ms,
             decode_ms=(end - first) * 1000,

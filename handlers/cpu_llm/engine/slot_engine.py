@@ -2,7 +2,9 @@
 running request by one token and prefills the next chunk of the waiting prompts.
 
 A request gets a KV-cache slot when its prefill starts and gives it back when it finishes or its
-client goes away: nothing is copied when requests join or leave, and no row is padded. A prompt is
+client goes away: nothing is copied when requests join or leave, and no row is padded. The slot
+keeps its keys and values after that, and a later prompt that starts the same way reuses them
+(prefix_cache.py). A prompt is
 prefilled `prefill_chunk` tokens per step, in the same forward pass as the decode tokens of the
 running requests, so a long prompt arriving delays each running stream's next token by one
 chunk's worth of compute at a time instead of by its whole prefill (chunked prefill).
@@ -20,6 +22,7 @@ from ..core.params import TokenizerInfo
 from ..decode.sequence import Sequence, finish, pick_tokens, record_token
 from ..runner.model_runner import ModelRunner
 from .base import Engine
+from .prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +30,10 @@ logger = logging.getLogger(__name__)
 class SlotEngine(Engine):
     """The requests of one worker, keyed by request id in arrival order, and their slots."""
 
-    def __init__(self, runner: ModelRunner, info: TokenizerInfo, request_timeout_s: float) -> None:
+    def __init__(self, runner: ModelRunner, info: TokenizerInfo, request_timeout_s: float,
+                 prefix_cache: bool = True) -> None:
         self.runner, self.info, self.request_timeout_s = runner, info, request_timeout_s
+        self.prefix_cache = PrefixCache(runner.cache, reuse=prefix_cache)
         self.seqs: dict[str, Sequence] = {}
         self.slot: dict[str, int] = {}
         self.cached: dict[str, int] = {}  # tokens of the request already in its slot
@@ -78,10 +83,11 @@ class SlotEngine(Engine):
             if budget == 0 or done >= len(seq.prompt_ids):
                 continue
             if rid not in self.slot:
-                slot = self.runner.cache.take()
-                if slot is None:
+                taken = self.prefix_cache.take(seq.prompt_ids)
+                if taken is None:
                     break  # every slot is in use: wait for one to come back
-                self.slot[rid], self.cached[rid] = slot, 0
+                self.slot[rid], done = taken
+                self.cached[rid] = seq.cached_tokens = done
                 self.prefill_started[rid] = time.perf_counter()
             piece = seq.prompt_ids[done:done + budget]
             tokens += piece
@@ -110,7 +116,7 @@ class SlotEngine(Engine):
         self.cached.pop(rid, None)
         self.prefill_started.pop(rid, None)
         if rid in self.slot:
-            self.runner.cache.give_back(self.slot.pop(rid))
+            self.prefix_cache.give_back(self.slot.pop(rid))
 
     def _release_done(self) -> None:
         for rid in [rid for rid, seq in self.seqs.items() if seq.done]:

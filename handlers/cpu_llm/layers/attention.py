@@ -29,18 +29,40 @@ class SlotKVCache:
         self.values = torch.empty(shape)
         self.layer_keys, self.layer_values = list(self.keys.unbind(0)), list(self.values.unbind(0))  # views per layer
         self.slots, self.length = slots, length
-        self.free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.free = list(range(slots))  # the least recently given back first
+        # The tokens whose keys and values each slot holds at positions 0, 1, ...: what a new
+        # request may reuse (engine/prefix_cache.py). The runner records every token it wrote once
+        # its forward pass succeeded, whoever called it.
+        self.held: list[list[int]] = [[] for _ in range(slots)]
 
     @staticmethod
     def bytes_needed(layers: int, slots: int, kv_heads: int, length: int, head_dim: int) -> int:
         return 2 * layers * slots * kv_heads * length * head_dim * 4
 
-    def take(self) -> int | None:
-        """A free slot, or None when every slot is in use."""
-        return self.free.pop() if self.free else None
+    def take(self, slot: int, keep: int) -> None:
+        """Take free `slot` for a request that reuses its first `keep` positions."""
+        self.free.remove(slot)
+        del self.held[slot][keep:]
 
     def give_back(self, slot: int) -> None:
         self.free.append(slot)
+
+    def record(self, tokens: list[int], positions: list[int], slots: list[int]) -> None:
+        """Token i was written at `positions[i]` of slot `slots[i]`. A slot's later positions were
+        computed from the token it replaced, so they no longer count; a token written past a gap
+        does not count either (`held` is what a prompt's prefix may reuse, so it has no holes)."""
+        for token, position, slot in zip(tokens, positions, slots):
+            held = self.held[slot]
+            if position <= len(held):
+                del held[position:]
+                held.append(token)
+
+    def copy_prefix(self, source: int, target: int, start: int, end: int) -> None:
+        """Give `target` the keys and values of `source` at positions start..end-1 (one memory copy
+        per buffer: ~46 KiB a token for SmolLM2, where recomputing a token is a whole forward row)."""
+        self.keys[:, target, :, start:end] = self.keys[:, source, :, start:end]
+        self.values[:, target, :, start:end] = self.values[:, source, :, start:end]
+        self.record(self.held[source][start:end], list(range(start, end)), [target] * (end - start))
 
 
 class RotaryTable:

@@ -40,8 +40,10 @@ class ModelRunner:
         """Token i sits at `positions[i]` of slot `slots[i]`; returns the logits (len(last), vocab) of
         the tokens indexed by `last`."""
         as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-        return self.model(as_long(tokens), as_long(positions), as_long(slots), as_long(last), self.rotary,
-                          self.cache)
+        logits = self.model(as_long(tokens), as_long(positions), as_long(slots), as_long(last), self.rotary,
+                            self.cache)
+        self.cache.record(tokens, positions, slots)
+        return logits
 
 
 def attach_runner(served: "ServedModel", wanted: str, slots: int, length: int, prefill_chunk: int) -> None:

@@ -29,6 +29,10 @@ class ServingMetrics:
         if result.completion_tokens > 1:
             self._observe("llm_inter_token_latency_seconds", result.decode_ms / 1000 / (result.completion_tokens - 1))
         self._add("llm_generated_tokens_total", result.completion_tokens, "tokens", self.types.COUNTER)
+        self._add("llm_prompt_tokens_total", result.prompt_tokens, "tokens", self.types.COUNTER)
+        if result.cached_prompt_tokens:  # prefix cache hits, and the prompt tokens they did not prefill
+            self._add("llm_prefix_cache_hits_total", 1, "requests", self.types.COUNTER)
+            self._add("llm_prefix_cache_tokens_total", result.cached_prompt_tokens, "tokens", self.types.COUNTER)
         self._add("llm_requests_finished_total", 1, "requests", self.types.COUNTER)
 
     def step(self, in_flight: int, cancelled: int = 0) -> None:
