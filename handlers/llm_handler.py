@@ -68,19 +68,22 @@ class LLMHandler(BaseHandler):
         self.router = Router(self.manifest.get("model", {}).get("modelName", "model"))
         self.drain = WorkerDrain.from_env()
         continuous = self.config.continuous_batching
+        ours = self.served.runner is not None  # the prefix cache and speculation are our runner's
         # A dynamic batch runs to its end: its requests never time out.
         engine = engine_for(self.served, self.tokenizer_info,
-                            self.config.request_timeout_s if continuous else float("inf"), self.config.prefix_cache)
+                            self.config.request_timeout_s if continuous else float("inf"), self.config)
         self.session = (ContinuousSession(engine, self.config, self.tokenizer_info,
                                           on_finished=self.metrics.finished, on_step=self.metrics.step)
                         if continuous else
                         DynamicSession(engine, self.config, self.tokenizer_info, on_finished=self.metrics.finished,
                                        on_running=self._running))
         logger.info(
-            "loaded %s: %.1fM parameters, %d threads, %s batching, prefix cache %s, %.1f s, RSS %.0f MiB, torch %s, "
-            "CPU ISA %s, kernels %s",
+            "loaded %s: %.1fM parameters, %d threads, %s batching, prefix cache %s, speculation %s, %.1f s, "
+            "RSS %.0f MiB, torch %s, CPU ISA %s, kernels %s",
             source, params / 1e6, threads, "continuous" if continuous else "dynamic",
-            "on" if self.config.prefix_cache and self.served.runner is not None else "off",
+            "on" if self.config.prefix_cache and ours else "off",
+            f"ngram ({self.config.speculative_tokens} tokens while <= {self.config.speculative_max_batch} "
+            "requests decode)" if self.config.speculation == "ngram" and ours else "off",
             time.perf_counter() - started, psutil.Process(os.getpid()).memory_info().rss / 2**20,
             torch.__version__, torch.backends.cpu.get_cpu_capability(), kernels.kernel_status(),
         )

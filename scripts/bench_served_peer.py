@@ -74,12 +74,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_server(binary: Path, gguf: Path, streams: int, threads: int, context: int, port: int) -> subprocess.Popen:
-    """llama-server on `gguf` with `streams` slots of `context` tokens each, ready to serve."""
+def llama_server(binary: Path, gguf: Path, streams: int, threads: int, context: int, port: int,
+                 options: list[str] = ()) -> subprocess.Popen:
+    """llama-server on `gguf` with `streams` slots of `context` tokens each and `options`, ready to serve."""
     log = open(gguf.parent / f"llama-server-{gguf.stem}.log", "w")
     process = subprocess.Popen(
         [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-         "-t", str(threads), "--parallel", str(streams), "-cb", "-c", str(streams * context), "--no-webui"],
+         "-t", str(threads), "--parallel", str(streams), "-cb", "-c", str(streams * context), "--no-webui",
+         *options],
         stdout=log, stderr=subprocess.STDOUT)
     for _ in range(120):
         try:

@@ -48,6 +48,7 @@ FRONTEND_OTHER_KEYS = {
 }
 HANDLER_SECTION = "handler"
 RUNNERS = ("auto", "llama", "hf")
+SPECULATION = ("none", "ngram")  # how drafts are made (engine/ngram_drafter.py)
 # The instruction sets our kernels are built for (kernels/csrc/dispatch.cpp), and their aliases;
 # `kernel_isa` and the CPU_LLM_ISA environment variable take these names.
 KERNEL_ISAS = ("avx2", "avx512-vnni")
@@ -75,6 +76,12 @@ class ServingConfig:
     # Our runner keeps each finished request's keys and values, and a prompt that starts the same
     # way (system prompt, earlier chat turns) reuses them instead of prefilling them again.
     prefix_cache: bool = True
+    # Speculative decoding on our runner: "ngram" drafts up to speculative_tokens tokens per step
+    # by prompt lookup and verifies them in the same forward pass, while at most
+    # speculative_max_batch requests decode; "none" turns it off.
+    speculation: str = "none"
+    speculative_tokens: int = 4
+    speculative_max_batch: int = 1
     # Continuous batching: one handle() call keeps stepping for up to this many ms (until a request
     # finishes), so TorchServe's round trip per call is paid once per several tokens; 0 = one step.
     steps_per_call_ms: int = 50
@@ -141,7 +148,7 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
         num_threads = 0
     _positive_int(f"{HANDLER_SECTION}.num_threads", num_threads, minimum=0)
     for key in ("max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_stop_sequences",
-                "request_timeout_s", "prefill_chunk_tokens"):
+                "request_timeout_s", "prefill_chunk_tokens", "speculative_tokens", "speculative_max_batch"):
         _positive_int(f"{HANDLER_SECTION}.{key}", values[key])
     _positive_int(f"{HANDLER_SECTION}.steps_per_call_ms", values["steps_per_call_ms"], minimum=0)
     if values["default_max_new_tokens"] > values["max_new_tokens"]:
@@ -155,6 +162,9 @@ def parse_serving_config(raw: Mapping[str, Any] | None) -> ServingConfig:
                           f"(aliases: {', '.join(KERNEL_ISA_ALIASES)}), got {kernel_isa!r}")
     if not isinstance(values["prefix_cache"], bool):
         raise ConfigError(f"{HANDLER_SECTION}.prefix_cache", f"must be true or false (got {values['prefix_cache']!r})")
+    if values["speculation"] not in SPECULATION:
+        raise ConfigError(f"{HANDLER_SECTION}.speculation",
+                          f"must be one of {', '.join(SPECULATION)} (got {values['speculation']!r})")
     if values["runner"] not in RUNNERS:
         raise ConfigError(f"{HANDLER_SECTION}.runner", f"must be one of {', '.join(RUNNERS)} (got {values['runner']!r})")
     quantization = parse_quantization_config(raw.get(QUANTIZATION_SECTION))

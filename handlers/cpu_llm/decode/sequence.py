@@ -15,7 +15,7 @@ import torch
 
 from ..core.params import GenerationRequest, TokenizerInfo
 from .detokenizer import Detokenizer
-from .sampling import make_generator, pick_next_token
+from .sampling import apply_repetition_penalty, make_generator, pick_next_token
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class GenerationResult:
     queue_ms: float  # arrival at the worker -> start of its prefill
     total_ms: float  # arrival at the worker -> last token
     batch_size: int  # most requests generated together with this one at any step
+    draft_tokens: int  # speculative decoding: tokens drafted and verified, and those accepted
+    accepted_draft_tokens: int
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Sequence:
     finish_reason: str | None = None
     prefill_ms: float = 0.0
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache, not prefilled
+    draft_tokens: int = 0  # speculative decoding: tokens drafted for this request, and those accepted
+    accepted_tokens: int = 0
     first_token_at: float = 0.0
     finished_at: float = 0.0
     batch_size: int = 1
@@ -80,13 +84,15 @@ class Sequence:
             queue_ms=max(0.0, (first - self.arrived_at) * 1000 - self.prefill_ms),
             total_ms=(end - self.arrived_at) * 1000,
             batch_size=self.batch_size,
+            draft_tokens=self.draft_tokens,
+            accepted_draft_tokens=self.accepted_tokens,
         )
 
 
 _NOTHING_SEEN = torch.empty(0, dtype=torch.long)  # the repetition penalty's history when it is off
 
 
-def _plain_greedy(seq: Sequence) -> bool:
+def plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing that needs the row's history: its token is the batch argmax."""
     sampling = seq.request.sampling
     return (not sampling.do_sample and sampling.repetition_penalty == 1.0
@@ -97,22 +103,30 @@ def pick_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[i
     """One next token per row; -1 for rows that have already finished."""
     # max().indices, not argmax(): the same first maximal index, in 24 us instead of 66 us over a
     # 49k vocabulary (torch 2.13, 2 threads), once per decode step.
-    greedy = logits.max(-1).indices.tolist() if any(_plain_greedy(seq) for seq in seqs) else []
+    greedy = logits.max(-1).indices.tolist() if any(plain_greedy(seq) for seq in seqs) else []
     tokens = []
     for row, seq in enumerate(seqs):
         if seq.done:
             tokens.append(-1)
             continue
-        if _plain_greedy(seq):
+        if plain_greedy(seq):
             tokens.append(greedy[row])
             continue
-        row_logits = logits[row]
-        if len(seq.generated) < seq.request.min_new_tokens:
-            row_logits = row_logits.index_fill(0, torch.tensor(sorted(eos_ids)), float("-inf"))
-        seen = (torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long)
-                if seq.request.sampling.repetition_penalty != 1.0 else _NOTHING_SEEN)
-        tokens.append(pick_next_token(row_logits, seq.request.sampling, seen, seq.generator))
+        tokens.append(pick_next_token(penalized(logits[row], seq, eos_ids), seq.request.sampling, _NOTHING_SEEN,
+                                      seq.generator))
     return tokens
+
+
+def penalized(row_logits: torch.Tensor, seq: Sequence, eos_ids: frozenset[int]) -> torch.Tensor:
+    """One row's logits as the request's rules see them for its next token: EOS is impossible
+    before min_new_tokens, and the repetition penalty has shrunk what the request has seen."""
+    if len(seq.generated) < seq.request.min_new_tokens:
+        row_logits = row_logits.index_fill(0, torch.tensor(sorted(eos_ids)), float("-inf"))
+    penalty = seq.request.sampling.repetition_penalty
+    if penalty != 1.0:
+        row_logits = apply_repetition_penalty(row_logits, torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long),
+                                              penalty)
+    return row_logits
 
 
 def finish(seq: Sequence, reason: str, info: TokenizerInfo) -> None:
