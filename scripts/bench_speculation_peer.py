@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
+import requests
 
 from bench_chat_peer import chat, peer_serving, serving
 from bench_peer import TORCH_ISA_ENV, add_peer_arguments, cpu_name, llama_dir, llama_isa, prepare_peer
@@ -41,6 +42,7 @@ def code_piece(path: str, lines: int = 24) -> str:
     return "\n".join(text[start:start + lines])
 
 
+ACCEPTANCE = ("llm_draft_tokens_total", "llm_accepted_draft_tokens_total")
 WORKLOADS = {
     "repeats input": [f"Rewrite this Python code with a comment above each function, changing nothing else:\n\n"
                       f"```python\n{code_piece(path)}\n```" for path in SOURCES],
@@ -48,15 +50,26 @@ WORKLOADS = {
 }
 
 
-def run(base: str, model: str, prompts: list[str], tokens: int, extra: dict) -> dict:
-    """Each prompt once, one at a time: decode tokens/s (median) and the texts."""
+def counter(metrics: str | None, name: str) -> float:
+    """A Prometheus counter of our worker (summed over its labels); 0 without a metrics URL."""
+    if metrics is None:
+        return 0.0
+    lines = requests.get(f"{metrics}/metrics", timeout=30).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def run(base: str, model: str, prompts: list[str], tokens: int, metrics: str | None = None) -> dict:
+    """Each prompt once, one at a time: decode tokens/s (median), the texts, and (ours, from
+    Prometheus) the share of drafted tokens kept."""
+    before = [counter(metrics, name) for name in ACCEPTANCE]
     rates, texts = [], []
     for prompt in prompts:
-        reply = chat(base, model, [{"role": "user", "content": prompt}], tokens, extra)
+        reply = chat(base, model, [{"role": "user", "content": prompt}], tokens, {})
         texts.append(reply["text"])
         if reply["tokens"] > 1 and reply["total"] > reply["ttft"]:
             rates.append((reply["tokens"] - 1) / (reply["total"] - reply["ttft"]))
-    return {"tok_s": statistics.median(rates), "texts": texts}
+    drafted, kept = (counter(metrics, name) - start for name, start in zip(ACCEPTANCE, before))
+    return {"tok_s": statistics.median(rates), "texts": texts, "drafted": drafted, "kept": kept}
 
 
 def main() -> None:
@@ -79,8 +92,8 @@ def main() -> None:
             work.mkdir()
             handler = {"speculation": speculation, "speculative_tokens": args.draft_tokens,
                        "max_new_tokens": args.tokens, "default_max_new_tokens": args.tokens}
-            with serving(args.mode, args, handler, work, f"spec-{speculation}") as base:
-                sides[label] = {w: run(base, f"spec-{speculation}", prompts, args.tokens, {})
+            with serving(args.mode, args, handler, work, f"spec-{speculation}") as urls:
+                sides[label] = {w: run(urls["v1"], f"spec-{speculation}", prompts, args.tokens, urls["metrics"])
                                 for w, prompts in WORKLOADS.items()}
         kernels = worker_kernels(work)
     fmt = MODES[args.mode][1]
@@ -88,17 +101,18 @@ def main() -> None:
                                                                    str(args.draft_tokens)]),
                            (f"llama-server {fmt}", [])):
         with peer_serving(llama, gguf, 1, args.threads, 4096, options) as base:
-            sides[label] = {w: run(base, "peer", prompts, args.tokens, {}) for w, prompts in WORKLOADS.items()}
+            sides[label] = {w: run(base, "peer", prompts, args.tokens) for w, prompts in WORKLOADS.items()}
     print(f"\n{cpu_name()}, {psutil.cpu_count()} logical CPUs; ours: {args.mode}, --isa {args.isa}, kernels {kernels}, "
           f"{args.draft_tokens} draft tokens; llama-server: {llama} built for {llama_isa(llama)}; {args.threads} "
           f"threads each. One request at a time, up to {args.tokens} output tokens, greedy, OpenAI chat API.\n")
-    print("| workload | ours, drafts tok/s | ours tok/s | ours: drafts / none | llama-server, ngram tok/s | "
+    print("| workload | ours, drafts tok/s | drafts kept | ours tok/s | ours: drafts / none | llama-server, ngram tok/s | "
           "llama-server tok/s | llama: ngram / none | ours / llama, both drafting | our greedy text identical |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     spec, plain, peer_spec, peer = (sides[label] for label in sides)
     for w in WORKLOADS:
         same = spec[w]["texts"] == plain[w]["texts"]
-        print(f"| {w} | {spec[w]['tok_s']:.1f} | {plain[w]['tok_s']:.1f} | **{spec[w]['tok_s'] / plain[w]['tok_s']:.2f}x** | "
+        kept = f"{spec[w]['kept']:.0f} of {spec[w]['drafted']:.0f}"
+        print(f"| {w} | {spec[w]['tok_s']:.1f} | {kept} | {plain[w]['tok_s']:.1f} | **{spec[w]['tok_s'] / plain[w]['tok_s']:.2f}x** | "
               f"{peer_spec[w]['tok_s']:.1f} | {peer[w]['tok_s']:.1f} | {peer_spec[w]['tok_s'] / peer[w]['tok_s']:.2f}x | "
               f"{spec[w]['tok_s'] / peer_spec[w]['tok_s']:.2f}x | {'yes' if same else 'NO'} |")
 

@@ -17,7 +17,7 @@ MODEL_CONFIG = {
     "minWorkers": 1, "maxWorkers": 1,
     "batchSize": 8, "maxBatchDelay": 5, "continuousBatching": True,
     "responseTimeout": 60, "startupTimeout": 240,
-    "handler": {"max_prompt_tokens": 64, "max_new_tokens": 400, "default_max_new_tokens": 8},
+    "handler": {"max_prompt_tokens": 64, "max_new_tokens": 400, "default_max_new_tokens": 8, "speculation": "ngram"},
     "quantization": {"backend": "auto"},  # auto must pick native under continuous batching, in both stacks
 }
 
@@ -126,3 +126,18 @@ def test_llm_metrics_are_exported_for_prometheus(server):
                  "llm_queue_time_seconds_sum", "llm_generated_tokens_total", "llm_requests_in_flight"):
         assert name in text, name
     assert metric(server, "llm_generated_tokens_total") >= 4
+
+
+def test_a_repeated_prompt_comes_from_the_prefix_cache_and_repeated_text_from_drafts(server):
+    body = {"prompt": "Count with me: one two three four five, one two three four five, one two three four",
+            "max_new_tokens": 24, "ignore_eos": True}
+    hits_before = metric(server, "llm_prefix_cache_hits_total")
+    drafted_before = metric(server, "llm_draft_tokens_total")
+    first, second = predict(server, body).json(), predict(server, body).json()
+    assert second["text"] == first["text"]  # neither the cache nor the drafts change a greedy token
+    assert second["timings"]["cached_prompt_tokens"] == second["prompt_tokens"] - 1
+    assert metric(server, "llm_prefix_cache_hits_total") >= hits_before + 1
+    assert metric(server, "llm_prefix_cache_tokens_total") >= second["prompt_tokens"] - 1
+    timings = first["timings"]
+    assert 0 < timings["accepted_draft_tokens"] <= timings["draft_tokens"]
+    assert metric(server, "llm_draft_tokens_total") >= drafted_before + 2 * timings["draft_tokens"]

@@ -33,6 +33,9 @@ def summary(result: GenerationResult) -> dict[str, Any]:
             "prefill_ms": round(result.prefill_ms, 1),
             # Prompt tokens whose keys and values came from the prefix cache instead of the prefill.
             "cached_prompt_tokens": result.cached_prompt_tokens,
+            # Speculative decoding: tokens drafted and verified, and those kept.
+            "draft_tokens": result.draft_tokens,
+            "accepted_draft_tokens": result.accepted_draft_tokens,
             "time_to_first_token_ms": round(result.time_to_first_token_ms, 1),
             "decode_ms": round(result.decode_ms, 1),
             "total_ms": round(result.total_ms, 1),

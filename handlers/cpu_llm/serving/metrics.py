@@ -33,6 +33,9 @@ class ServingMetrics:
         if result.cached_prompt_tokens:  # prefix cache hits, and the prompt tokens they did not prefill
             self._add("llm_prefix_cache_hits_total", 1, "requests", self.types.COUNTER)
             self._add("llm_prefix_cache_tokens_total", result.cached_prompt_tokens, "tokens", self.types.COUNTER)
+        if result.draft_tokens:  # speculative decoding: acceptance rate = accepted / drafted
+            self._add("llm_draft_tokens_total", result.draft_tokens, "tokens", self.types.COUNTER)
+            self._add("llm_accepted_draft_tokens_total", result.accepted_draft_tokens, "tokens", self.types.COUNTER)
         self._add("llm_requests_finished_total", 1, "requests", self.types.COUNTER)
 
     def step(self, in_flight: int, cancelled: int = 0) -> None:
