@@ -47,13 +47,8 @@ def pick_next_token(
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if not params.do_sample:
         return int(logits.max(-1).indices)  # argmax, ~3x faster (decode.sequence.pick_tokens)
-    return sample(sampling_probs(logits, params), generator)
-
-
-def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a sampled token is drawn from: temperature, then top-k / top-p, then softmax
-    (after the repetition penalty). Speculative decoding accepts drafts against it too."""
-    return torch.softmax(filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p), dim=-1)
+    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    return sample(torch.softmax(logits, dim=-1), generator)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:

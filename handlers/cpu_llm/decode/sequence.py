@@ -112,9 +112,13 @@ def pick_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_ids: frozenset[i
         if plain_greedy(seq):
             tokens.append(greedy[row])
             continue
-        tokens.append(pick_next_token(penalized(logits[row], seq, eos_ids), seq.request.sampling, _NOTHING_SEEN,
-                                      seq.generator))
+        tokens.append(pick_token(logits[row], seq, eos_ids))
     return tokens
+
+
+def pick_token(row_logits: torch.Tensor, seq: Sequence, eos_ids: frozenset[int]) -> int:
+    """`seq`'s next token from one row of logits, with all of its request's rules."""
+    return pick_next_token(penalized(row_logits, seq, eos_ids), seq.request.sampling, _NOTHING_SEEN, seq.generator)
 
 
 def penalized(row_logits: torch.Tensor, seq: Sequence, eos_ids: frozenset[int]) -> torch.Tensor:

@@ -5,11 +5,13 @@
   argmax differs gives the corrected token, and when every draft is kept the last row gives one
   more. Each row's logits are those a one-token step would compute (the runner's rows do not
   depend on their batch), so the text is bit-identical to decoding without drafts.
-- **Sampling** keeps the distribution, as in speculative sampling (Leviathan et al. 2023, Chen
-  et al. 2023) with a draft that is one token for sure (q = 1 on the draft): the draft is kept
-  with probability p(draft); otherwise the token is drawn from p with the draft removed,
-  renormalized (max(0, p - q) normalized). A seeded request draws its random numbers in another
-  order than without drafts, so it samples a different text from the same distribution.
+- **Sampling** draws the row's token exactly as a step without drafts would (same distribution,
+  same random number from the request's generator) and keeps the draft if it is that token. A
+  draft that is one token for sure is thus kept with probability p(draft), as speculative
+  sampling's rejection rule (Leviathan et al. 2023, Chen et al. 2023) keeps it, and when it is
+  not, the token drawn is distributed as p without the draft, renormalized: the rule's residual
+  distribution. So the distribution is kept, and a seeded request samples the same text as
+  without drafts.
 
 Every token goes through `record_token`, so EOS, stop strings and max_new_tokens end a request at
 the same token as without drafts; drafts after that are dropped.
@@ -20,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..core.params import TokenizerInfo
-from .sampling import sample, sampling_probs
-from .sequence import Sequence, plain_greedy, penalized, record_token
+from .sequence import Sequence, pick_token, plain_greedy, record_token
 
 
 def accept_drafts(rows: torch.Tensor, seq: Sequence, drafts: list[int], info: TokenizerInfo) -> int:
@@ -33,22 +34,8 @@ def accept_drafts(rows: torch.Tensor, seq: Sequence, drafts: list[int], info: To
         if greedy is not None and plain_greedy(seq):
             token = greedy[i]
         else:
-            token = _verify_row(penalized(rows[i], seq, info.eos_ids), seq, draft)
+            token = pick_token(rows[i], seq, info.eos_ids)
         record_token(seq, token, info)
         if seq.done or token != draft:
             return i
     return len(drafts)
-
-
-def _verify_row(logits: torch.Tensor, seq: Sequence, draft: int | None) -> int:
-    """This row's token: the argmax (greedy), or a sample that keeps the draft with probability p(draft)."""
-    params = seq.request.sampling
-    if not params.do_sample:
-        return int(logits.max(-1).indices)
-    probs = sampling_probs(logits, params)
-    if draft is None:
-        return sample(probs, seq.generator)
-    if float(torch.rand(1, generator=seq.generator)) < float(probs[draft]):
-        return draft
-    probs[draft] = 0.0  # rejected: draw from what is left of p
-    return sample(probs, seq.generator)
