@@ -40,3 +40,21 @@ def runner_served(model_dir):
     served = ServedModel(model, lambda n: None, "native", {})
     attach_runner(served, "llama", slots=8, length=1152, prefill_chunk=16)
     return served
+
+
+@pytest.fixture(scope="session")
+def int8_served(model_dir):
+    """(served, TokenizerInfo): SmolLM2 in WoQ INT8 on our runner, 4 slots of 512 tokens, prompts
+    prefilled 16 tokens per step; its rows are exactly batch-invariant, so tests of the prefix
+    cache and of speculative decoding can ask for identical tokens."""
+    import yaml
+
+    from cpu_llm.config.serving import parse_serving_config
+    from cpu_llm.load.pipeline import load_for_serving
+    from cpu_llm.runner.model_runner import attach_runner
+
+    raw = yaml.safe_load((ROOT / "configs" / "woq-int8.yaml").read_text())
+    raw["quantization"]["backend"] = "native"
+    served, info = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
+    attach_runner(served, "llama", slots=4, length=512, prefill_chunk=16)
+    return served, info

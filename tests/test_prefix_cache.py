@@ -3,11 +3,9 @@ that reusing never changes a token."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from cpu_llm.api.prompt import encode_prompt
 from cpu_llm.api.request import parse_request
@@ -16,10 +14,7 @@ from cpu_llm.decode.sequence import Sequence
 from cpu_llm.engine.prefix_cache import PrefixCache, common_prefix
 from cpu_llm.engine.slot_engine import SlotEngine
 from cpu_llm.layers.attention import SlotKVCache
-from cpu_llm.load.pipeline import load_for_serving
-from cpu_llm.runner.model_runner import attach_runner
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ServingConfig(max_new_tokens=64)
 
 
@@ -118,13 +113,9 @@ SYSTEM = ("You are a careful assistant for a hardware store. Answer in one short
           "where the customer finds what they ask for, and never invent products the store does not sell. ")
 
 
-@pytest.fixture(scope="module")
-def int8(model_dir):
-    """SmolLM2 in WoQ INT8 on our runner: 3 slots, prompts prefilled 16 tokens per step."""
-    raw = yaml.safe_load((ROOT / "configs" / "woq-int8.yaml").read_text())
-    raw["quantization"]["backend"] = "native"
-    served, info = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
-    attach_runner(served, "llama", slots=3, length=512, prefill_chunk=16)
+@pytest.fixture
+def int8(int8_served):
+    served, info = int8_served
     return served.runner, info
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoTokenizer
 
 from cpu_llm.config.serving import ServingConfig, parse_serving_config
@@ -19,8 +18,6 @@ from cpu_llm.decode.speculative import accept_drafts
 from cpu_llm.engine.ngram_drafter import NgramDrafter
 from cpu_llm.engine.select import engine_for
 from cpu_llm.engine.slot_engine import SlotEngine
-from cpu_llm.load.pipeline import load_for_serving
-from cpu_llm.runner.model_runner import attach_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "data" / "golden_greedy.json"
@@ -141,15 +138,11 @@ def test_speculative_greedy_gives_the_golden_tokens(loaded, runner_served):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("config", ["woq-int8.yaml", "woq-int4.yaml"])
-def test_speculation_gives_the_tokens_it_gives_without_drafts(model_dir, config):
+def test_speculation_gives_the_tokens_it_gives_without_drafts(int8_served):
     """Alone and in a batch (drafting for every request of it), with text that repeats its prompt
     so most drafts are kept, and with text that does not; greedy, and sampled with a seed (the
     token of a row is drawn as without drafts, from the same random numbers)."""
-    raw = yaml.safe_load((ROOT / "configs" / config).read_text())
-    raw["quantization"]["backend"] = "native"
-    served, info = load_for_serving(str(model_dir), parse_serving_config(raw).quantization, str(ROOT))
-    attach_runner(served, "llama", slots=4, length=512, prefill_chunk=64)
+    served, info = int8_served
     bodies = [REPEAT, {"prompt": "The history of the Roman empire", "max_new_tokens": 30},
               {"messages": [{"role": "user", "content": "Write a haiku about CPUs."}], "max_new_tokens": 24},
               {**REPEAT, "do_sample": True, "seed": 3, "temperature": 0.7, "top_k": 40}]
@@ -161,5 +154,5 @@ def test_speculation_gives_the_tokens_it_gives_without_drafts(model_dir, config)
     engine_for(served, info, config=NGRAM).generate(together)
     assert [tuple(s.generated) for s in alone] == plain == [tuple(s.generated) for s in together]
     assert alone[0].accepted_tokens > 20 and alone[0].result().accepted_draft_tokens == alone[0].accepted_tokens
-    assert alone[3].accepted_tokens > 3  # sampled drafts were kept too
+    assert alone[3].accepted_tokens > 10  # sampled drafts were kept too
     assert len(served.runner.cache.free) == served.runner.cache.slots
