@@ -75,24 +75,28 @@ def chat(base: str, model: str, messages: list[dict], output_tokens: int, extra:
 
 
 @contextmanager
-def serving(mode: str, args, handler: dict, work: Path, name: str):
-    """Our TorchServe serving `mode` (bench_served_peer's config, `handler` keys on top), warmed
-    up; yields its URLs, "v1" the OpenAI base. The worker's load log is kept in `work`."""
-    config = served_config(mode, args.batch_size, args.threads, args.isa, work)
-    raw = yaml.safe_load(config.read_text())
-    raw["handler"].update(handler)
-    config.write_text(yaml.safe_dump(raw, sort_keys=False))
-    build_archive(args.model_dir, name, config, work / "store")
+def serving(mode: str, args, models: dict[str, dict], work: Path):
+    """One TorchServe serving `mode` (bench_served_peer's config) as each of `models` (name ->
+    handler keys on top), each with its own worker, warmed up. Yields its URLs and each model's
+    OpenAI base under its name. The workers' load log is kept in `work`."""
+    for name, handler in models.items():
+        config = served_config(mode, args.batch_size, args.threads, args.isa, work)
+        raw = yaml.safe_load(config.read_text())
+        raw["handler"].update(handler)
+        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        build_archive(args.model_dir, name, config, work / "store")
     (work / "java-tmp").mkdir(exist_ok=True)
     ts_config = write_ts_config(work, PORTS, java_tmp=work / "java-tmp")
     try:
-        with running(ts_config, work / "store", [f"{name}={name}.mar"], work / "logs", timeout=600) as urls:
-            urls["v1"] = f"{urls['inference']}/predictions/{name}/1.0/v1"
-            chat(urls["v1"], name, [{"role": "user", "content": "Hello"}], 4, {})  # warm-up
+        with running(ts_config, work / "store", [f"{name}={name}.mar" for name in models], work / "logs",
+                     timeout=600) as urls:
+            for name in models:
+                urls[name] = f"{urls['inference']}/predictions/{name}/1.0/v1"
+                chat(urls[name], name, [{"role": "user", "content": "Hello"}], 4, {})  # warm-up
             yield urls
     finally:
         for log in (work / "logs").glob("model_log.log"):
-            (work / f"{name}-model_log.log").write_text(log.read_text())
+            (work / "ours-model_log.log").write_text(log.read_text())
 
 
 @contextmanager
@@ -147,8 +151,8 @@ def ours(args, system: str, prefix_cache: bool, work: Path) -> dict:
     name = f"chat-{'cache' if prefix_cache else 'nocache'}"
     handler = {"prefix_cache": prefix_cache, "max_prompt_tokens": args.context - args.output_tokens,
                "max_new_tokens": args.output_tokens, "default_max_new_tokens": args.output_tokens}
-    with serving(args.mode, args, handler, work, name) as urls:
-        result = conversations(urls["v1"], name, system, args.conversations, args.turns, args.output_tokens,
+    with serving(args.mode, args, {name: handler}, work) as urls:
+        result = conversations(urls[name], name, system, args.conversations, args.turns, args.output_tokens,
                                {"ignore_eos": True})
     result["kernels"] = worker_kernels(work)
     return result

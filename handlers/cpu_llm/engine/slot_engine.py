@@ -142,7 +142,9 @@ class SlotEngine(Engine):
                    self.runner.length - 1 - position)
         if room <= 0:
             return []
-        return self.drafters.setdefault(rid, NgramDrafter()).propose(seq, room)
+        if rid not in self.drafters:
+            self.drafters[rid] = NgramDrafter()
+        return self.drafters[rid].propose(seq, room)
 
     def _release(self, rid: str) -> None:
         del self.seqs[rid]
