@@ -63,14 +63,31 @@ def test_what_benchmark_tools_send_is_accepted():
     assert request.ignore_eos and request.stream and request.max_new_tokens == 8
 
 
+def test_presence_and_frequency_penalties_are_passed_on():
+    sampling = parse({**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1, "temperature": 0}).sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -1.0) and not sampling.do_sample
+
+
+def test_fields_that_change_nothing_here_are_accepted_and_logged_once(caplog, monkeypatch):
+    """What agent SDKs and proxies send (OpenAI's stored completions, tags, tiers), as vLLM accepts it."""
+    from cpu_llm.api import openai_api
+
+    monkeypatch.setattr(openai_api, "_NOTED", set())
+    extra = {"store": True, "metadata": {"team": "a"}, "service_tier": "auto", "parallel_tool_calls": False}
+    with caplog.at_level("INFO"):
+        assert parse({**CHAT, **extra}) == parse(CHAT)
+        parse({**CHAT, **extra})
+    assert sum("accepted and ignored" in r.getMessage() for r in caplog.records) == len(extra)
+
+
 def test_a_one_string_prompt_list_is_that_prompt():
     assert parse({"prompt": ["Once"]}, "text").prompt == "Once"
 
 
 @pytest.mark.parametrize("kind,extra,field", [
     ("chat", {"n": 2}, "n"),
-    ("chat", {"frequency_penalty": 0.5}, "frequency_penalty"),
-    ("chat", {"presence_penalty": -1}, "presence_penalty"),
+    ("chat", {"frequency_penalty": 2.5}, "frequency_penalty"),
+    ("chat", {"presence_penalty": "high"}, "presence_penalty"),
     ("chat", {"logprobs": True}, "logprobs"),
     ("chat", {"top_logprobs": 3}, "top_logprobs"),
     ("chat", {"logit_bias": {"42": 5}}, "logit_bias"),

@@ -6,7 +6,8 @@ from transformers.generation.logits_process import (
 )
 
 from cpu_llm.core.params import SamplingParams
-from cpu_llm.decode.sampling import apply_repetition_penalty, filter_top_k_top_p, make_generator, pick_next_token
+from cpu_llm.decode.sampling import (apply_presence_frequency_penalties, apply_repetition_penalty, filter_top_k_top_p,
+                                    make_generator, pick_next_token)
 
 
 def _logits(seed: int = 0, size: int = 50) -> torch.Tensor:
@@ -62,3 +63,23 @@ def test_sampling_follows_the_distribution_and_never_draws_filtered_tokens():
     counts = torch.bincount(torch.tensor([sample(probs, generator) for _ in range(4000)]), minlength=6)
     assert counts[0] == counts[2] == counts[5] == 0
     torch.testing.assert_close(counts.float() / 4000, probs, atol=0.03, rtol=0)
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = apply_presence_frequency_penalties(logits, [3, 3, 1], presence=0.5, frequency=0.25)
+    assert torch.allclose(out, torch.tensor([1.0, 2.0 - 0.5 - 0.25, 3.0, 4.0 - 0.5 - 0.5]))
+    assert apply_presence_frequency_penalties(logits, [], 1.0, 1.0) is logits
+
+
+def test_a_frequency_penalty_moves_greedy_off_a_repeated_token():
+    from cpu_llm.core.params import GenerationRequest
+    from cpu_llm.decode.sequence import Sequence, pick_tokens
+
+    logits = torch.tensor([[0.0, 5.0, 4.5, 0.0]])
+    request = GenerationRequest(prompt="x", messages=None, max_new_tokens=8,
+                                sampling=SamplingParams(frequency_penalty=0.3))
+    seq = Sequence.start(request, [0])
+    assert pick_tokens(logits, [seq], frozenset()) == [1]
+    seq.generated = [1, 1]
+    assert pick_tokens(logits, [seq], frozenset()) == [2]  # 5.0 - 2 x 0.3 < 4.5

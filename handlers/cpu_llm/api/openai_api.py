@@ -11,6 +11,7 @@ shapes; concatenating the chunks' text gives the non-streamed text (`text_stream
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -23,6 +24,7 @@ from .request import decode_body, parse_request
 from .responses import JSON, Reply
 from .text_stream import TextStream
 
+logger = logging.getLogger(__name__)
 EVENT_STREAM = "text/event-stream"
 DONE = b"data: [DONE]\n\n"
 OWNER = "torchserve-llm-cpu"
@@ -33,8 +35,6 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "timeout": 
 # what a client should know.
 DEFAULT_ONLY = {
     "n": ((1,), "only n=1 is supported; send several requests (they are batched server-side)"),
-    "frequency_penalty": ((0,), "is not implemented; only 0 is accepted (repetition_penalty is)"),
-    "presence_penalty": ((0,), "is not implemented; only 0 is accepted (repetition_penalty is)"),
     "logit_bias": (({},), "is not implemented; only {} is accepted"),
 }
 COMPLETIONS_DEFAULT_ONLY = {
@@ -49,11 +49,17 @@ CHAT_DEFAULT_ONLY = {
     "response_format": (({"type": "text"},), "only {\"type\": \"text\"} is supported"),
 }
 # Accepted and passed on: OpenAI's own fields, and the extensions vLLM and others also accept.
-PASSED_ON = {"temperature", "top_p", "seed", "stop", "stream", "top_k", "ignore_eos", "repetition_penalty"}
-ACCEPTED = PASSED_ON | {"model", "user", "max_tokens", "min_tokens", "stream_options"}
+PASSED_ON = {"temperature", "top_p", "seed", "stop", "stream", "top_k", "ignore_eos", "repetition_penalty",
+             "presence_penalty", "frequency_penalty"}
+# Accepted and ignored, logged once each: they change no token on a self-hosted server (OpenAI's
+# stored completions, request tags, its tiers; how several tool calls may be made, without tools),
+# and agent SDKs and proxies send them, as vLLM accepts them.
+NO_EFFECT = {"store", "metadata", "service_tier", "parallel_tool_calls"}
+ACCEPTED = PASSED_ON | NO_EFFECT | {"model", "user", "max_tokens", "min_tokens", "stream_options"}
 # vLLM's continuous_usage_stats (usage in every chunk, sent by guidellm) is accepted and ignored:
 # it changes no generated token, and the usage still comes in the last chunk.
 STREAM_OPTIONS = {"include_usage", "continuous_usage_stats"}
+_NOTED: set[str] = set()  # the NO_EFFECT fields already logged by this worker
 NATIVE_NAMES = {"min_new_tokens": "min_tokens"}  # native field -> OpenAI field, for error messages
 
 
@@ -138,6 +144,9 @@ def to_native(body: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], bool,
             raise RequestError(name, f"is not supported by this server; supported fields are {sorted(allowed)}")
         if name in refused and body[name] not in refused[name][0]:
             raise RequestError(name, f"{refused[name][1]}, got {json.dumps(body[name])}")
+    for name in sorted(NO_EFFECT & set(body) - _NOTED):
+        _NOTED.add(name)
+        logger.info("OpenAI field %s accepted and ignored: it changes nothing on this server (logged once)", name)
     for name in ("model", "user"):
         if name in body and not isinstance(body[name], str):
             raise RequestError(name, f"must be a string, got {json.dumps(body[name])}")

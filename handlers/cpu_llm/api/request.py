@@ -135,6 +135,7 @@ def _stop(value: Any, limit: int) -> tuple[str, ...]:
 KNOWN_FIELDS = {
     "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k",
     "do_sample", "seed", "stop", "repetition_penalty", "stream", "min_new_tokens", "ignore_eos",
+    "presence_penalty", "frequency_penalty",
 }
 
 
@@ -166,6 +167,8 @@ def parse_request(body: Any, config: ServingConfig) -> GenerationRequest:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_inclusive=False),
         top_k=_integer(body, "top_k", 0, 0, 1_000_000),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_inclusive=False),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=_integer(body, "seed", None, 0, MAX_SEED),
     )
     max_new_tokens = _integer(body, "max_new_tokens", config.default_max_new_tokens, 1, config.max_new_tokens)

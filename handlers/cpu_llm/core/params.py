@@ -16,6 +16,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k filtering
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from the logit of every token already generated (presence), and once
+    # per time it was generated (frequency).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
 
 

@@ -22,6 +22,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits
 
 
+def apply_presence_frequency_penalties(logits: torch.Tensor, generated: list[int], presence: float,
+                                       frequency: float) -> torch.Tensor:
+    """OpenAI's (and vLLM's) penalties over the generated tokens: logit - presence * [count > 0]
+    - frequency * count. Unlike the repetition penalty they do not look at the prompt."""
+    if (presence == 0.0 and frequency == 0.0) or not generated:
+        return logits
+    counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=logits.numel())[:logits.numel()]
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set every logit outside the top-k / nucleus (top-p) set to -inf."""
     if top_k and top_k < logits.numel():

@@ -15,7 +15,7 @@ import torch
 
 from ..core.params import GenerationRequest, TokenizerInfo
 from .detokenizer import Detokenizer
-from .sampling import apply_repetition_penalty, make_generator, pick_next_token
+from .sampling import apply_presence_frequency_penalties, apply_repetition_penalty, make_generator, pick_next_token
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ _NOTHING_SEEN = torch.empty(0, dtype=torch.long)  # the repetition penalty's his
 def plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing that needs the row's history: its token is the batch argmax."""
     sampling = seq.request.sampling
-    return (not sampling.do_sample and sampling.repetition_penalty == 1.0
+    return (not sampling.do_sample and sampling.repetition_penalty == 1.0 and sampling.presence_penalty == 0.0
+            and sampling.frequency_penalty == 0.0
             and len(seq.generated) >= seq.request.min_new_tokens)
 
 
@@ -123,14 +124,17 @@ def pick_token(row_logits: torch.Tensor, seq: Sequence, eos_ids: frozenset[int])
 
 def penalized(row_logits: torch.Tensor, seq: Sequence, eos_ids: frozenset[int]) -> torch.Tensor:
     """One row's logits as the request's rules see them for its next token: EOS is impossible
-    before min_new_tokens, and the repetition penalty has shrunk what the request has seen."""
+    before min_new_tokens, the repetition penalty has shrunk what the request has seen, and the
+    presence / frequency penalties what it generated."""
     if len(seq.generated) < seq.request.min_new_tokens:
         row_logits = row_logits.index_fill(0, torch.tensor(sorted(eos_ids)), float("-inf"))
     penalty = seq.request.sampling.repetition_penalty
     if penalty != 1.0:
-        row_logits = apply_repetition_penalty(row_logits, torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long),
-                                              penalty)
-    return row_logits
+        seen = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long)
+        row_logits = apply_repetition_penalty(row_logits, seen, penalty)
+    sampling = seq.request.sampling
+    return apply_presence_frequency_penalties(row_logits, seq.generated, sampling.presence_penalty,
+                                              sampling.frequency_penalty)
 
 
 def finish(seq: Sequence, reason: str, info: TokenizerInfo) -> None:

@@ -4,10 +4,11 @@ running request by one token and prefills the next chunk of the waiting prompts.
 A request gets a KV-cache slot when its prefill starts and gives it back when it finishes or its
 client goes away: nothing is copied when requests join or leave, and no row is padded. The slot
 keeps its keys and values after that, and a later prompt that starts the same way reuses them
-(prefix_cache.py). A prompt is
-prefilled `prefill_chunk` tokens per step, in the same forward pass as the decode tokens of the
-running requests, so a long prompt arriving delays each running stream's next token by one
-chunk's worth of compute at a time instead of by its whole prefill (chunked prefill).
+(prefix_cache.py). A prompt is prefilled `prefill_chunk` tokens per step, in the same forward pass
+as the decode tokens of the running requests, so a long prompt arriving delays each running
+stream's next token by one chunk's worth of compute at a time instead of by its whole prefill
+(chunked prefill). With speculation on, a decoding request's row is followed by its drafted
+tokens, verified in the same pass (decode/speculative.py).
 
 Continuous batching calls `step`; dynamic batching calls `generate` (base.py), which steps
 until the batch is done: one decode loop for both.
