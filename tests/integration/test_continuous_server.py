@@ -50,7 +50,7 @@ def test_streamed_text_arrives_in_pieces_and_adds_up_to_the_plain_response(serve
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in response.iter_lines() if line]
-    assert len(lines) > 5
+    assert len(lines) > 3  # several tokens per piece where drafts were kept (this server speculates)
     assert "".join(line["text"] for line in lines) == plain["text"]
     assert lines[-1]["finish_reason"] == plain["finish_reason"]
     assert lines[-1]["completion_tokens"] == plain["completion_tokens"]

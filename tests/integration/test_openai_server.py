@@ -111,7 +111,7 @@ def test_a_bad_request_does_not_disturb_its_batch(client, server):
 
     def refused():
         with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="smollm2", messages=CHAT, frequency_penalty=1.0)
+            client.chat.completions.create(model="smollm2", messages=CHAT, logit_bias={"42": 5})
 
     def not_text():  # a lone surrogate escape: valid JSON that no tokenizer accepts
         response = requests.post(f"{server['v1']}/chat/completions", timeout=120,
