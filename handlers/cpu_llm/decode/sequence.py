@@ -95,8 +95,8 @@ _NOTHING_SEEN = torch.empty(0, dtype=torch.long)  # the repetition penalty's his
 def plain_greedy(seq: Sequence) -> bool:
     """Greedy with nothing that needs the row's history: its token is the batch argmax."""
     sampling = seq.request.sampling
-    return (not sampling.do_sample and sampling.repetition_penalty == 1.0 and sampling.presence_penalty == 0.0
-            and sampling.frequency_penalty == 0.0
+    return (not sampling.do_sample and sampling.repetition_penalty == 1.0
+            and sampling.presence_penalty == 0.0 and sampling.frequency_penalty == 0.0
             and len(seq.generated) >= seq.request.min_new_tokens)
 
 
@@ -126,13 +126,12 @@ def penalized(row_logits: torch.Tensor, seq: Sequence, eos_ids: frozenset[int]) 
     """One row's logits as the request's rules see them for its next token: EOS is impossible
     before min_new_tokens, the repetition penalty has shrunk what the request has seen, and the
     presence / frequency penalties what it generated."""
+    sampling = seq.request.sampling
     if len(seq.generated) < seq.request.min_new_tokens:
         row_logits = row_logits.index_fill(0, torch.tensor(sorted(eos_ids)), float("-inf"))
-    penalty = seq.request.sampling.repetition_penalty
-    if penalty != 1.0:
+    if sampling.repetition_penalty != 1.0:
         seen = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long)
-        row_logits = apply_repetition_penalty(row_logits, seen, penalty)
-    sampling = seq.request.sampling
+        row_logits = apply_repetition_penalty(row_logits, seen, sampling.repetition_penalty)
     return apply_presence_frequency_penalties(row_logits, seq.generated, sampling.presence_penalty,
                                               sampling.frequency_penalty)
 

@@ -31,10 +31,8 @@ def accept_drafts(rows: torch.Tensor, seq: Sequence, drafts: list[int], info: To
     greedy = rows.max(-1).indices.tolist() if plain_greedy(seq) else None
     for i in range(len(drafts) + 1):
         draft = drafts[i] if i < len(drafts) else None
-        if greedy is not None and plain_greedy(seq):
-            token = greedy[i]
-        else:
-            token = pick_token(rows[i], seq, info.eos_ids)
+        # A plain greedy request stays plain as it grows (min_new_tokens only gets further behind).
+        token = greedy[i] if greedy is not None else pick_token(rows[i], seq, info.eos_ids)
         record_token(seq, token, info)
         if seq.done or token != draft:
             return i

@@ -6,8 +6,8 @@ tokens that followed the latest earlier occurrence of the request's last n token
 then 2), as llama.cpp's lookup decoding and vLLM's n-gram speculator do. Its index is built
 incrementally: one dictionary entry per n per token, so a lookup costs the same at any length.
 
-A request whose drafts keep missing stops drafting for a while (2, 4, ... up to 64 steps), so a
-workload drafts never fit pays next to nothing.
+A request whose drafts miss twice in a row stops drafting for a while (4, then 8, ... up to 64
+steps while they keep missing), so a workload drafts never fit pays next to nothing.
 
 A draft model would plug in here: anything with `propose(seq, k) -> list[int]` and
 `feedback(drafted, accepted)`; the engine verifies its drafts in the same forward pass.
